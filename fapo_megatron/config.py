@@ -1,0 +1,512 @@
+"""One typed config tree for every fapo-megatron command.
+
+A run's config is a YAML file (see configs/) plus dotted command-line overrides (`algorithm.lam=0.5`).
+Both are checked against the dataclasses below before any work starts: an unknown key names its path and
+the closest valid names, a wrong type or an out-of-range value says which field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """HF checkpoint folder (config.json + safetensors) the policy starts from. Empty: build `tiny` at random."""
+    tiny: str = "llama"
+    """Family of the random tiny model used when `path` is empty (llama, qwen2, qwen3)."""
+    tokenizer: str = ""
+    """Tokenizer folder; empty means `path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Parameter / compute dtype of the actor (float32 on CPU)."""
+    megatron_checkpoint: str = ""
+    """Megatron distributed checkpoint to start from instead of `path`'s safetensors."""
+
+    def __post_init__(self):
+        _check_choice("model.tiny", self.tiny, ("llama", "qwen2", "qwen3"))
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size of the actor."""
+    pp: int = 1
+    """Pipeline-parallel size of the actor."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU only; needs tp > 1)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch in forward/backward."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+
+    def __post_init__(self):
+        _check_positive("parallel.tp", self.tp)
+        _check_positive("parallel.pp", self.pp)
+        _check_positive("parallel.micro_batch_size", self.micro_batch_size)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip; 0 disables it."""
+
+    def __post_init__(self):
+        _check_range("optim.lr", self.lr, low=0.0, low_open=True)
+        _check_range("optim.min_lr", self.min_lr, low=0.0, high=self.lr)
+        _check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        _check_range("optim.weight_decay", self.weight_decay, low=0.0)
+        _check_range("optim.adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        _check_range("optim.adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
+        _check_range("optim.clip_grad", self.clip_grad, low=0.0)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: Literal["embedded", "sglang"] = "embedded"
+    """Generation engine for the policy: in-process HF (runs anywhere) or SGLang servers (GPU)."""
+    n: int = 8
+    """Rollouts per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (also scales the actor's logits when it recomputes log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables it."""
+    max_prompt_tokens: int = 2048
+    """Prompts longer than this are left out of training (counted)."""
+    max_response_tokens: int = 8192
+    """Generation budget per rollout."""
+    tp: int = 1
+    """Tensor-parallel size of each SGLang engine."""
+    mem_fraction: float = 0.6
+    """SGLang `mem_fraction_static`."""
+    weight_sync_bucket_mb: int = 512
+    """Bucket size of the actor -> engine weight push."""
+    sglang_port: int = 30000
+    """First port of the SGLang servers this run launches."""
+    sglang_url: str = ""
+    """Use an already running SGLang server instead of launching one."""
+    request_timeout_s: float = 600.0
+    """Per-request timeout when talking to an engine server."""
+
+    def __post_init__(self):
+        _check_positive("rollout.n", self.n)
+        _check_range("rollout.temperature", self.temperature, low=0.0)
+        _check_range("rollout.top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_positive("rollout.max_prompt_tokens", self.max_prompt_tokens)
+        _check_positive("rollout.max_response_tokens", self.max_response_tokens)
+        _check_positive("rollout.tp", self.tp)
+        _check_range("rollout.mem_fraction", self.mem_fraction, low=0.0, high=1.0, low_open=True)
+        _check_positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
+
+
+@dataclass(kw_only=True)
+class GenRMConfig:
+    backend: Literal["program", "embedded", "sglang", "external"] = "program"
+    """Flaw detector: the arithmetic-chain step checker, an HF model in-process, SGLang, or a URL."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """Time-share the actor's devices, or run on a pool of its own (`cluster.genrm_devices`)."""
+    model_path: str = ""
+    """GenRM checkpoint (embedded / sglang backends)."""
+    url: str = ""
+    """External OpenAI-compatible or SGLang-router endpoint (external backend)."""
+    api: Literal["openai", "sglang"] = "sglang"
+    """Request format of the external endpoint."""
+    max_new_tokens: int = 16384
+    """Output budget per verdict."""
+    temperature: float = 0.6
+    """Sampling temperature of the judge."""
+    max_steps: int = 32
+    """Solutions with more paragraphs are merged down to this many steps."""
+    concurrency: int = 64
+    """Requests in flight at once."""
+    request_timeout_s: float = 600.0
+    """Bound on one request."""
+    deadline_s: float = 1800.0
+    """Bound on all verdicts of one training step; what is not back by then is unavailable."""
+    retries: int = 2
+    """Retries per request, with exponential backoff."""
+    unavailable_policy: Literal["treat_as_clean", "treat_as_flawed", "drop", "fail"] = "drop"
+    """What a verdict that could not be had counts as; never silently clean unless asked for."""
+    tp: int = 1
+    """Tensor-parallel size of the GenRM engine."""
+
+    def __post_init__(self):
+        _check_positive("genrm.max_new_tokens", self.max_new_tokens)
+        _check_positive("genrm.max_steps", self.max_steps)
+        _check_positive("genrm.concurrency", self.concurrency)
+        _check_range("genrm.request_timeout_s", self.request_timeout_s, low=0.0, low_open=True)
+        _check_range("genrm.deadline_s", self.deadline_s, low=0.0, low_open=True)
+        _check_range("genrm.retries", self.retries, low=0)
+        _check_positive("genrm.tp", self.tp)
+        if self.backend == "external" and not self.url:
+            raise ConfigError("genrm.backend=external needs genrm.url (an OpenAI-compatible or SGLang-router URL)")
+
+
+@dataclass(kw_only=True)
+class OverlongConfig:
+    enable: bool = True
+    """DAPO overlong shaping of the reward."""
+    buffer: int = 4096
+    """Tokens before the limit where the penalty starts."""
+    penalty_factor: float = 1.0
+    """Penalty at the limit."""
+
+    def __post_init__(self):
+        _check_range("algorithm.overlong.buffer", self.buffer, low=0)
+        _check_range("algorithm.overlong.penalty_factor", self.penalty_factor, low=0.0)
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    name: Literal["fapo", "grpo"] = "fapo"
+    """fapo: flaw penalty from the GenRM; grpo: the same loop without GenRM (the baseline)."""
+    lam: float = 1.0
+    """Flaw penalty lambda: a flawed positive gets 1 - lambda."""
+    clip_low: float = 0.2
+    """PPO clip epsilon below 1."""
+    clip_high: float = 0.28
+    """PPO clip epsilon above 1 (clip-higher)."""
+    dual_clip_c: float = 10.0
+    """Dual-clip bound for negative advantages; 0 disables it."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses become one number."""
+    norm_adv_by_std: bool = True
+    """Divide group advantages by the group std (GRPO); False is Dr.GRPO."""
+    kl_coef: float = 0.0
+    """KL penalty to the rollout policy's log-probs (0: none, as in the paper)."""
+    kl_type: Literal["k1", "k3"] = "k3"
+    """KL estimator."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (0: none, as in the paper)."""
+    tis_cap: float = 0.0
+    """Truncated importance-sampling cap for the rollout/actor mismatch; 0 disables it."""
+    mini_batch_size: int = 32
+    """Prompts per optimizer step (each brings `rollout.n` rollouts)."""
+    ppo_epochs: int = 1
+    """Passes over a step's rollouts."""
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    """DAPO overlong reward shaping."""
+
+    def __post_init__(self):
+        _check_range("algorithm.lam", self.lam, low=0.0)
+        _check_range("algorithm.clip_low", self.clip_low, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range("algorithm.clip_high", self.clip_high, low=0.0, low_open=True)
+        if self.dual_clip_c != 0.0 and self.dual_clip_c <= 1.0:
+            raise ConfigError(f"algorithm.dual_clip_c={self.dual_clip_c}: must be > 1 (or 0 to disable dual-clip)")
+        _check_range("algorithm.kl_coef", self.kl_coef, low=0.0)
+        _check_range("algorithm.tis_cap", self.tis_cap, low=0.0)
+        _check_positive("algorithm.mini_batch_size", self.mini_batch_size)
+        _check_positive("algorithm.ppo_epochs", self.ppo_epochs)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    format: Literal["arith", "dapo", "gsm8k", "math"] = "arith"
+    """Training data layout: synthetic arithmetic chains, DAPO-Math-17K jsonl, GSM8K or MATH jsonl."""
+    train_path: str = ""
+    """jsonl file of training prompts (unused for `arith`)."""
+    val_path: str = ""
+    """jsonl file of validation prompts; empty: no validation (or held-out arith items)."""
+    batch_size: int = 512
+    """Prompts per training step."""
+    seed: int = 1234
+    """Shuffling and synthetic-data seed."""
+    arith_num_train: int = 2000
+    """Number of synthetic arithmetic-chain training items."""
+    arith_num_val: int = 64
+    """Number of synthetic arithmetic-chain validation items."""
+    arith_min_steps: int = 2
+    """Fewest operations in a synthetic chain."""
+    arith_max_steps: int = 4
+    """Most operations in a synthetic chain."""
+
+    def __post_init__(self):
+        _check_positive("data.batch_size", self.batch_size)
+        if self.format != "arith" and not self.train_path:
+            raise ConfigError(f"data.format={self.format} needs data.train_path (a jsonl file)")
+        _check_positive("data.arith_min_steps", self.arith_min_steps)
+        _check_range("data.arith_max_steps", self.arith_max_steps, low=self.arith_min_steps)
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    steps: int = 200
+    """Training steps (one batch of prompts each)."""
+    seed: int = 42
+    """Global seed (model init, sampling, dropout)."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, TensorBoard logs, metrics.jsonl and plots go."""
+    checkpoint_interval: int = 50
+    """Save every this many steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest deleted first)."""
+    resume: str = "auto"
+    """auto: continue from output_dir's latest checkpoint if there is one; none; or a checkpoint path."""
+    val_interval: int = 0
+    """Validate every this many steps (0: never)."""
+    val_n: int = 4
+    """Samples per validation prompt (avg@k)."""
+    val_temperature: float = 1.0
+    """Validation sampling temperature."""
+    val_top_p: float = 0.7
+    """Validation nucleus mass."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        _check_positive("trainer.steps", self.steps)
+        _check_range("trainer.checkpoint_interval", self.checkpoint_interval, low=0)
+        _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        _check_range("trainer.val_interval", self.val_interval, low=0)
+        _check_positive("trainer.val_n", self.val_n)
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu runs Megatron over gloo; cuda over NCCL."""
+    num_nodes: int = 1
+    """Nodes in the actor pool."""
+    devices_per_node: int = 1
+    """Actor processes per node (GPUs per node on cuda)."""
+    genrm_devices: int = 0
+    """Devices of the GenRM's own pool when `genrm.placement=separate`."""
+    ray_address: str = ""
+    """Existing Ray cluster to join; empty starts a local one."""
+    master_port: int = 0
+    """Rendezvous port for torch.distributed; 0 picks a free one."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    def __post_init__(self):
+        _check_positive("cluster.num_nodes", self.num_nodes)
+        _check_positive("cluster.devices_per_node", self.devices_per_node)
+        _check_range("cluster.genrm_devices", self.genrm_devices, low=0)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Actor parallelism."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Actor optimizer and schedule."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Policy generation."""
+    genrm: GenRMConfig = field(default_factory=GenRMConfig)
+    """The flaw detector."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """FAPO / GRPO rewards, advantages and loss."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop length, checkpoints, logging."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Devices, pools and Ray."""
+
+    def __post_init__(self):
+        world, tp, pp = self.cluster.world_size, self.parallel.tp, self.parallel.pp
+        if world % (tp * pp) != 0:
+            raise ConfigError(
+                f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the {world} actor processes "
+                f"(cluster.num_nodes={self.cluster.num_nodes} x cluster.devices_per_node="
+                f"{self.cluster.devices_per_node}); pick tp*pp from {_divisors(world)}"
+            )
+        if self.parallel.sequence_parallel and (tp == 1 or self.cluster.device == "cpu"):
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 and cluster.device=cuda")
+        if self.data.batch_size % self.algorithm.mini_batch_size != 0:
+            raise ConfigError(
+                f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must divide "
+                f"data.batch_size={self.data.batch_size}"
+            )
+        per_dp = self.algorithm.mini_batch_size * self.rollout.n
+        if per_dp % (self.dp * self.parallel.micro_batch_size) != 0:
+            raise ConfigError(
+                f"a mini-batch of {per_dp} rollouts (algorithm.mini_batch_size x rollout.n) does not split "
+                f"evenly over dp={self.dp} x parallel.micro_batch_size={self.parallel.micro_batch_size}"
+            )
+        if self.genrm.placement == "separate" and self.genrm.backend in ("embedded", "sglang"):
+            if self.cluster.genrm_devices == 0:
+                raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
+        if self.algorithm.overlong.enable and self.algorithm.overlong.buffer > self.rollout.max_response_tokens:
+            raise ConfigError(
+                f"algorithm.overlong.buffer={self.algorithm.overlong.buffer} exceeds "
+                f"rollout.max_response_tokens={self.rollout.max_response_tokens}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.cluster.world_size // (self.parallel.tp * self.parallel.pp)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or the defaults) and apply `key.sub=value` overrides, then validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from nested dicts, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(key), key, list(fields)))
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _coerce(hint, value, path: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, path + ".")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}={value!r} does not match {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}={value!r} must be a string")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}={value!r} must be null")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list")
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        return [_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _unknown_key_message(path: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown config key {path!r}: {hint}valid keys here: {', '.join(valid)}"
+
+
+def _check_choice(path: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_positive(path: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}={value} must be > 0")
+
+
+def _check_range(path, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else ("(" if low_open else "[") + str(low)
+        hi = "" if high is None else str(high) + (")" if high_open else "]")
+        raise ConfigError(f"{path}={value} is out of range; allowed: {lo or '(-inf'}, {hi or 'inf)'}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

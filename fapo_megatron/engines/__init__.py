@@ -1,0 +1,1 @@
+"""Generation backends behind one protocol (engines/base.py): SGLang for GPU clusters, embedded HF for anywhere."""

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from fapo_megatron.cli import main
+from fapo_megatron.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_match_the_paper():
+    cfg = load_config()
+    assert (cfg.algorithm.lam, cfg.algorithm.clip_low, cfg.algorithm.clip_high) == (1.0, 0.2, 0.28)
+    assert cfg.algorithm.dual_clip_c == 10.0 and cfg.algorithm.loss_agg_mode == "token-mean"
+    assert cfg.rollout.n == 8 and cfg.algorithm.overlong.buffer == 4096
+    assert cfg.optim.lr == 1e-6 and cfg.optim.weight_decay == 0.1 and cfg.optim.clip_grad == 1.0
+
+
+def test_override_changes_a_nested_value():
+    cfg = load_config(None, ["algorithm.lam=0.5", "algorithm.overlong.enable=false", "trainer.output_dir=/tmp/x"])
+    assert cfg.algorithm.lam == 0.5 and cfg.algorithm.overlong.enable is False
+    assert cfg.trainer.output_dir == "/tmp/x"
+
+
+def test_unknown_key_names_path_and_closest_names():
+    with pytest.raises(ConfigError, match=r"unknown config key 'algorithm.clip_lo'.*did you mean clip_low"):
+        load_config(None, ["algorithm.clip_lo=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'algorthm'.*did you mean algorithm"):
+        load_config(None, ["algorthm.lam=1"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=r"'rollout.temprature'.*did you mean temperature"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.lam=abc", r"algorithm.lam='abc' must be a number"),
+        ("parallel.tp=2.5", r"parallel.tp=2.5 must be an integer"),
+        ("algorithm.overlong.enable=maybe", r"must be true or false"),
+        ("algorithm.loss_agg_mode=mean", r"choose one of \['token-mean'"),
+        ("genrm.unavailable_policy=ignore", r"choose one of \['treat_as_clean', 'treat_as_flawed', 'drop', 'fail'\]"),
+    ],
+)
+def test_wrong_type_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.clip_low=-1"], r"algorithm.clip_low=-1.0 is out of range"),
+        (["algorithm.dual_clip_c=0.5"], r"dual_clip_c=0.5: must be > 1"),
+        (["rollout.top_p=0"], r"rollout.top_p=0.0 is out of range"),
+        (["cluster.devices_per_node=2", "parallel.tp=3"], r"parallel.tp=3 x parallel.pp=1 = 3 does not divide the 2"),
+        (["data.batch_size=10", "algorithm.mini_batch_size=4"], r"mini_batch_size=4 must divide data.batch_size=10"),
+        (["genrm.backend=external"], r"needs genrm.url"),
+        (["data.format=gsm8k"], r"needs data.train_path"),
+    ],
+)
+def test_bad_range_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["config", str(CONFIGS[0]), "parallel.tp=3"]) == 2
+    assert "parallel.tp=3" in capsys.readouterr().err
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
