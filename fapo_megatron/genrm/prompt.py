@@ -1,0 +1,82 @@
+"""The GenRM prompt: a solution split into paragraphs, tagged ProcessBench-style, with the problem and its answer.
+
+`split_steps` is the one step split used both when the GenRM is trained (FAPO-Critic / ProcessBench-format
+items) and when it is queried about rollouts, so an index means the same step in both places.
+The prompt text follows the FAPO authors' ProcessBench-with-ground-truth critique prompt (FAPO / verl
+FAPO recipe, Apache-2.0), which FAPO-GenRM-4B was trained and evaluated with: paragraphs are tagged
+`<paragraph_i>` from 0 and the model answers in `\\boxed{}` with the earliest wrong index or -1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+GENRM_TEMPLATE = (
+    "The following is a math problem with its ground truth answer, along with an AI solution "
+    "(split into paragraphs, enclosed with tags and indexed from 0):\n\n"
+    "[Math Problem]\n\n"
+    "{problem}\n\n"
+    "[Ground Truth]\n\n"
+    "{ground_truth}\n\n"
+    "[AI Solution]\n\n"
+    "{tagged_response}\n\n"
+    "Your task is to review and critique the solution paragraph by paragraph. Once you identify an error in a "
+    "paragraph, return the index of the paragraph where the earliest error occurs. Otherwise, return the index "
+    "of -1 (which typically denotes 'not found').\n\n"
+    "Please reason step by step, put your final answer (i.e., the index) in \\boxed{{}}."
+)
+
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+STEP_JOINER = "\n\n"
+"""Paragraphs merged into one step are joined by a blank line, so re-splitting a step gives them back."""
+
+
+def split_steps(solution: str, max_steps: int = 32) -> list[str]:
+    """Split a solution into steps: paragraphs separated by blank lines, stripped, empty ones dropped.
+
+    With more than `max_steps` paragraphs, adjacent paragraphs are merged into exactly `max_steps` steps whose
+    sizes (in paragraphs) differ by at most one, earlier steps taking the extra ones; nothing is lost.
+    A long paragraph without blank lines stays one step.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps={max_steps} must be >= 1")
+    paragraphs = [p.strip() for p in _BLANK_LINE.split(solution.replace("\r\n", "\n"))]
+    paragraphs = [p for p in paragraphs if p]
+    if len(paragraphs) <= max_steps:
+        return paragraphs
+    base, extra = divmod(len(paragraphs), max_steps)
+    steps, start = [], 0
+    for index in range(max_steps):
+        size = base + (1 if index < extra else 0)
+        steps.append(STEP_JOINER.join(paragraphs[start : start + size]))
+        start += size
+    return steps
+
+
+def tag_steps(steps: Sequence[str]) -> str:
+    """`<paragraph_0>\\n...\\n</paragraph_0>` blocks separated by blank lines (ProcessBench's layout)."""
+    return "\n\n".join(f"<paragraph_{index}>\n{step}\n</paragraph_{index}>" for index, step in enumerate(steps))
+
+
+def build_genrm_prompt(problem: str, steps: Sequence[str], ground_truth: str) -> str:
+    """The user message asking for the earliest wrong paragraph of `steps` (or -1)."""
+    if not steps:
+        raise ValueError("build_genrm_prompt: the solution has no steps (empty or blank text)")
+    return GENRM_TEMPLATE.format(
+        problem=problem.strip(), ground_truth=str(ground_truth).strip(), tagged_response=tag_steps(steps)
+    )
+
+
+def build_genrm_messages(problem: str, steps: Sequence[str], ground_truth: str) -> list[dict[str, str]]:
+    """The same prompt as a one-turn chat (the FAPO GenRM has no system prompt)."""
+    return [{"role": "user", "content": build_genrm_prompt(problem, steps, ground_truth)}]
+
+
+def render_chatml(messages: Sequence[dict[str, str]]) -> str:
+    """Qwen's ChatML layout with the assistant turn opened, for engines fed raw text without a tokenizer template.
+
+    FAPO-GenRM-4B is a Qwen3 model; prefer the tokenizer's own `apply_chat_template` when it is at hand.
+    """
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"

@@ -1,0 +1,87 @@
+"""Step split and prompt layout, checked against hand-written expectations and ProcessBench items."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fapo_megatron.genrm.prompt import (
+    STEP_JOINER,
+    build_genrm_messages,
+    build_genrm_prompt,
+    render_chatml,
+    split_steps,
+    tag_steps,
+)
+
+SAMPLE = json.loads((Path(__file__).parent / "data" / "processbench_sample.json").read_text())
+
+
+def test_split_on_blank_lines_strips_and_drops_empties():
+    text = "  First step.\nstill first  \n\n\n  \nSecond step.\r\n\r\nThird\t\n \t\n\n"
+    assert split_steps(text) == ["First step.\nstill first", "Second step.", "Third"]
+    assert split_steps("") == []
+    assert split_steps(" \n\n \n") == []
+
+
+def test_one_long_paragraph_stays_one_step():
+    long = "word " * 20000
+    assert split_steps(long, max_steps=4) == [long.strip()]
+
+
+@pytest.mark.parametrize("num_paragraphs,max_steps,sizes", [(10, 4, [3, 3, 2, 2]), (33, 32, [2] + [1] * 31),
+                                                              (64, 32, [2] * 32), (7, 1, [7]), (5, 5, [1] * 5)])
+def test_merge_is_even_and_loses_nothing(num_paragraphs, max_steps, sizes):
+    paragraphs = [f"p{i} = {i} * 2" for i in range(num_paragraphs)]
+    steps = split_steps("\n\n".join(paragraphs), max_steps=max_steps)
+    assert len(steps) == min(num_paragraphs, max_steps)
+    assert [len(step.split(STEP_JOINER)) for step in steps] == sizes
+    assert [p for step in steps for p in split_steps(step)] == paragraphs
+
+
+def test_split_rejects_nonpositive_cap():
+    with pytest.raises(ValueError, match="max_steps"):
+        split_steps("a", max_steps=0)
+
+
+def test_processbench_steps_round_trip_through_the_split():
+    # ProcessBench paragraphs were cut at blank lines: joining and re-splitting gives the same steps back.
+    for item in SAMPLE:
+        steps = [s.strip() for s in item["steps"]]
+        assert split_steps("\n\n".join(item["steps"]), max_steps=64) == steps, item["id"]
+
+
+def test_prompt_layout():
+    prompt = build_genrm_prompt("What is 2+3?", ["2+3=5.", "So \\boxed{5}."], "5")
+    expected_tags = "<paragraph_0>\n2+3=5.\n</paragraph_0>\n\n<paragraph_1>\nSo \\boxed{5}.\n</paragraph_1>"
+    assert expected_tags in prompt
+    assert "[Math Problem]\n\nWhat is 2+3?\n\n[Ground Truth]\n\n5\n\n[AI Solution]\n\n" + expected_tags in prompt
+    assert prompt.endswith("put your final answer (i.e., the index) in \\boxed{}.")
+    assert "return the index of -1" in prompt and "earliest error" in prompt
+    assert re.findall(r"<paragraph_(\d+)>", prompt) == ["0", "1"]
+
+
+def test_prompt_keeps_braces_in_user_text_literal():
+    prompt = build_genrm_prompt("Find {x} in {0}", ["Let {y} = {1}."], "{2}")
+    assert "Find {x} in {0}" in prompt and "Let {y} = {1}." in prompt and "{2}" in prompt
+
+
+def test_prompt_for_every_sample_item_tags_all_steps():
+    for item in SAMPLE:
+        prompt = build_genrm_prompt(item["problem"], item["steps"], "42")
+        assert re.findall(r"</paragraph_(\d+)>", prompt) == [str(i) for i in range(len(item["steps"]))]
+
+
+def test_prompt_rejects_empty_solution():
+    with pytest.raises(ValueError, match="no steps"):
+        build_genrm_prompt("q", [], "1")
+
+
+def test_messages_and_chatml():
+    messages = build_genrm_messages("q", ["a"], "1")
+    assert messages == [{"role": "user", "content": build_genrm_prompt("q", ["a"], "1")}]
+    assert render_chatml([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tag_steps([]) == ""
