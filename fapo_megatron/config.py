@@ -51,6 +51,8 @@ class ParallelConfig:
     """Sequences per micro-batch in forward/backward."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (core attention only), full (every layer's input kept)."""
 
     def __post_init__(self):
         _check_positive("parallel.tp", self.tp)
@@ -159,8 +161,11 @@ class GenRMConfig:
     """What a verdict that could not be had counts as; never silently clean unless asked for."""
     tp: int = 1
     """Tensor-parallel size of the GenRM engine."""
+    mem_fraction: float = 0.4
+    """SGLang `mem_fraction_static` of the GenRM engine (weights + KV cache share of each GPU)."""
 
     def __post_init__(self):
+        _check_range("genrm.mem_fraction", self.mem_fraction, low=0.0, high=1.0, low_open=True)
         _check_positive("genrm.max_new_tokens", self.max_new_tokens)
         _check_positive("genrm.max_steps", self.max_steps)
         _check_positive("genrm.concurrency", self.concurrency)
@@ -317,6 +322,88 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True)
+class SlurmConfig:
+    partition: str = ""
+    """`--partition`; empty: the cluster default."""
+    account: str = ""
+    """`--account`; empty: none."""
+    qos: str = ""
+    """`--qos`; empty: none."""
+    time_limit: str = "24:00:00"
+    """`--time` of each job (HH:MM:SS or D-HH:MM:SS)."""
+    cpus_per_node: int = 0
+    """CPUs per node Ray may use (and `--cpus-per-task`); 0: whatever Slurm gives the job."""
+    mem: str = ""
+    """`--mem` per node (e.g. 0 for all of it); empty: the cluster default."""
+    container_image: str = ""
+    """Pyxis/enroot image for every step (`srun --container-image`); empty: run on the host."""
+    container_mounts: str = ""
+    """Pyxis `--container-mounts` (src:dst[,src:dst]); should include the repo and output folders."""
+    venv: str = ""
+    """Virtualenv whose bin/activate each step sources; empty: the submitting shell's Python."""
+    workdir: str = ""
+    """Folder each step runs in (holds the config's relative paths); empty: the submit folder."""
+    socket_ifname: str = ""
+    """Network interface for NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME and the Ray head address; empty: default."""
+    hf_home: str = ""
+    """HF_HOME on the nodes (shared model cache); empty: inherit."""
+    tmpdir: str = ""
+    """TMPDIR on the nodes (node-local scratch; Ray's temp folder goes under it); empty: inherit."""
+    env: list[str] = field(default_factory=list)
+    """Extra KEY=VALUE environment variables exported to every step."""
+    log_dir: str = "slurm_logs"
+    """Where the sbatch script and the job's stdout/stderr files go."""
+    job_name: str = "fapo"
+    """`--job-name`."""
+    signal_lead_s: int = 600
+    """Ask for SIGUSR1 this many seconds before the time limit (checkpoint + requeue); 0: no signal."""
+    requeue: bool = True
+    """`--requeue`, and requeue the job after a pre-emption checkpoint."""
+    chain: int = 1
+    """Jobs to submit for one long run; each resumes from the latest checkpoint of the one before."""
+    chain_mode: Literal["dependency", "array"] = "dependency"
+    """Chain as `--dependency=afterany` jobs or as a job array run one element at a time (`%1`)."""
+    ray_port: int = 6379
+    """GCS port of the Ray head."""
+    ray_join_timeout_s: float = 600.0
+    """How long to wait for every node's GPUs (CPUs on cpu) to join Ray."""
+    preflight: bool = True
+    """Run the preflight checks before training."""
+    preflight_port: int = 29411
+    """torch.distributed rendezvous port of the preflight all-reduce."""
+    min_free_disk_gb: float = 50.0
+    """Free space needed under trainer.output_dir for checkpoints."""
+
+    def __post_init__(self):
+        _check_range("slurm.cpus_per_node", self.cpus_per_node, low=0)
+        _check_range("slurm.signal_lead_s", self.signal_lead_s, low=0)
+        _check_positive("slurm.chain", self.chain)
+        _check_range("slurm.ray_port", self.ray_port, low=1, high=65535)
+        _check_range("slurm.preflight_port", self.preflight_port, low=1, high=65535)
+        _check_range("slurm.ray_join_timeout_s", self.ray_join_timeout_s, low=0.0, low_open=True)
+        _check_range("slurm.min_free_disk_gb", self.min_free_disk_gb, low=0.0)
+        for item in self.env:
+            if "=" not in item or not item.split("=", 1)[0].isidentifier():
+                raise ConfigError(f"slurm.env item {item!r} must look like NAME=value")
+
+
+@dataclass(kw_only=True)
+class SizingConfig:
+    model_shape: str = ""
+    """Built-in policy shape (see cluster/sizing.py SHAPES) used when model.path's config.json is not readable."""
+    genrm_shape: str = ""
+    """Built-in GenRM shape used when genrm.model_path's config.json is not readable."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU the plan must fit."""
+    runtime_overhead_gb: float = 4.0
+    """Per-GPU memory outside the estimate: CUDA context, NCCL buffers, allocator fragmentation."""
+
+    def __post_init__(self):
+        _check_range("sizing.gpu_memory_gb", self.gpu_memory_gb, low=0.0, low_open=True)
+        _check_range("sizing.runtime_overhead_gb", self.runtime_overhead_gb, low=0.0)
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy."""
@@ -336,6 +423,10 @@ class Config:
     """Loop length, checkpoints, logging."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Devices, pools and Ray."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Batch-job settings for `fapo-megatron slurm submit` (flags override them)."""
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    """Assumptions of the per-GPU memory estimate (`fapo-megatron slurm size`)."""
 
     def __post_init__(self):
         world, tp, pp = self.cluster.world_size, self.parallel.tp, self.parallel.pp
