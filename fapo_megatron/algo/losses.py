@@ -77,6 +77,34 @@ def _check_inputs(logprobs, old_logprobs, advantages, mask, optional: dict[str, 
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B]={shape[0]} or {tuple(shape)}")
 
 
+def _check_options(clip_low, clip_high, dual_clip_c, kl_type, missing_inputs: dict[str, bool]) -> None:
+    if not (0.0 < clip_low < 1.0 and clip_high > 0.0):
+        raise ValueError(f"clip_low={clip_low} must be in (0, 1) and clip_high={clip_high} > 0")
+    if dual_clip_c != 0.0 and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1 (or 0 to disable dual-clip)")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type={kl_type!r}: expected one of {KL_TYPES}")
+    for message, missing in missing_inputs.items():
+        if missing:
+            raise ValueError(message)
+
+
+def _clipped_surrogate(log_ratio, advantages, clip_low, clip_high, dual_clip_c):
+    """Per-token PPO-clip loss with dual-clip, and where the clip and the dual-clip bind (bool masks)."""
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    negative = advantages < 0
+    dual_active = torch.zeros_like(negative)
+    if dual_clip_c > 0.0:
+        dual_bound = -advantages * dual_clip_c
+        dual_active = negative & (per_token > dual_bound)
+        per_token = torch.where(negative, torch.minimum(per_token, dual_bound), per_token)
+    return per_token, clip_active, dual_active
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return ((values * mask).sum() / count.clamp(min=1.0)).detach()
 
@@ -123,12 +151,12 @@ def ppo_loss(
         logprobs, old_logprobs, advantages, mask,
         {"rollout_logprobs": rollout_logprobs, "ref_logprobs": ref_logprobs, "entropy": entropy},
     )  # fmt: skip
-    if not (0.0 < clip_low < 1.0 and clip_high > 0.0):
-        raise ValueError(f"clip_low={clip_low} must be in (0, 1) and clip_high={clip_high} > 0")
-    if dual_clip_c != 0.0 and dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1 (or 0 to disable dual-clip)")
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"kl_type={kl_type!r}: expected one of {KL_TYPES}")
+    missing_inputs = {
+        "tis_cap > 0 needs rollout_logprobs (rollout engine's log-probs)": tis_cap > 0 and rollout_logprobs is None,
+        "kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)": kl_coef > 0 and ref_logprobs is None,
+        "entropy_coef > 0 needs entropy (per-token)": entropy_coef > 0 and entropy is None,
+    }
+    _check_options(clip_low, clip_high, dual_clip_c, kl_type, missing_inputs)
     mask = mask.to(logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logprobs)
@@ -138,28 +166,16 @@ def ppo_loss(
     local_tokens = mask.sum()
 
     log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, clip_active, dual_active = _clipped_surrogate(log_ratio, advantages, clip_low, clip_high, dual_clip_c)
     metrics = {
-        "pg_clipfrac": _masked_mean((clipped > unclipped).to(mask.dtype), mask, local_tokens),
+        "pg_clipfrac": _masked_mean(clip_active.to(mask.dtype), mask, local_tokens),
+        "pg_clipfrac_lower": _masked_mean(dual_active.to(mask.dtype), mask, local_tokens),
         "ppo_kl": _masked_mean(-log_ratio, mask, local_tokens),
     }
-    negative = advantages < 0
-    dual_active = torch.zeros_like(negative)
-    if dual_clip_c > 0.0:
-        dual_bound = -advantages * dual_clip_c
-        dual_active = negative & (per_token > dual_bound)
-        per_token = torch.where(negative, torch.minimum(per_token, dual_bound), per_token)
-    metrics["pg_clipfrac_lower"] = _masked_mean(dual_active.to(mask.dtype), mask, local_tokens)
-
     if rollout_logprobs is not None:
         engine_gap = old_logprobs - rollout_logprobs.detach()
         metrics["rollout_logprob_abs_diff"] = _masked_mean(engine_gap.abs(), mask, local_tokens)
     if tis_cap > 0.0:
-        if rollout_logprobs is None:
-            raise ValueError("tis_cap > 0 needs rollout_logprobs (the rollout engine's log-probs)")
         tis_ratio = engine_gap.clamp(max=_LOG_RATIO_BOUND).exp()
         per_token = per_token * tis_ratio.clamp(max=tis_cap)
         metrics["tis_ratio_mean"] = _masked_mean(tis_ratio, mask, local_tokens)
@@ -168,8 +184,6 @@ def ppo_loss(
 
     loss = aggregate_loss(per_token, mask, **agg)
     metrics["pg_loss"] = loss.detach()
-    if kl_coef > 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)")
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs.detach(), kl_type)
         metrics["kl"] = _masked_mean(kl, mask, local_tokens)
@@ -177,8 +191,6 @@ def ppo_loss(
             kl_loss = aggregate_loss(kl, mask, **agg)
             metrics["kl_loss"] = kl_loss.detach()
             loss = loss + kl_coef * kl_loss
-    if entropy_coef > 0.0 and entropy is None:
-        raise ValueError("entropy_coef > 0 needs the per-token entropy")
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy, mask, local_tokens)
         if entropy_coef > 0.0:
