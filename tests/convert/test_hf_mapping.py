@@ -34,8 +34,8 @@ def test_tp_slices_by_hand():
     assert hm.tp_slice("decoder.layers.3.self_attention.linear_proj.weight", proj, 2, 0).tolist() == [[0, 1], [4, 5]]
     norm = torch.ones(4)
     assert hm.tp_slice("decoder.layers.0.input_layernorm.weight", norm, 2, 1) is norm
-    split_names = ("decoder.layers.1.mlp.linear_fc1.weight", "output_layer.weight", "decoder.layers.1.mlp.linear_fc2.weight")
-    for name in split_names:
+    layer = "decoder.layers.1."
+    for name in (layer + "mlp.linear_fc1.weight", "output_layer.weight", layer + "mlp.linear_fc2.weight"):
         full = torch.randn(8, 8)
         assert torch.equal(hm.tp_gather(name, [hm.tp_slice(name, full, 4, r) for r in range(4)]), full)
 
