@@ -1,1 +1,5 @@
+"""Ray orchestration: pool layout (placement.py, pure), Ray session and placement groups (pools.py),
+worker groups of Ray actors (workers.py) and the torch.distributed environment they hand out (dist_env.py).
 
+Import the submodules directly; this package does not import Ray on its own.
+"""

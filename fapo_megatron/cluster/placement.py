@@ -1,0 +1,168 @@
+"""Pool layout: which Ray placement groups a run needs and which bundle hosts each worker rank.
+
+Terms. A *bundle* is one device's worth of reserved resources ({"GPU": 1, "CPU": k} on cuda, {"CPU": 1} on
+cpu). A *pool* is one placement group of bundles. A *role* is a kind of worker (actor, rollout, genrm); a
+role's *rank* r is pinned to one bundle of its pool, by *logical* bundle index: the position of the bundle
+after ordering all bundles by node IP, then GPU id (`order_bundles`), so rank order follows the hardware.
+
+Pure functions only (no Ray import): the layout can be computed and tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from fapo_megatron.config import Config, ConfigError
+
+ACTOR = "actor"
+ROLLOUT = "rollout"
+GENRM = "genrm"
+
+ACTOR_POOL = "actor"
+GENRM_POOL = "genrm"
+
+# GenRM backends that run a model on the run's own devices (the others need no pool: the program checker runs
+# in the trainer process, an external GenRM is a URL).
+_GENRM_DEVICE_BACKENDS = ("embedded", "sglang")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSpec:
+    """One placement group to reserve."""
+
+    name: str
+    num_bundles: int
+    bundle: dict[str, float]
+    """Resources of every bundle."""
+    bundles_per_node: int
+    """How many bundles one node holds (the last node may hold fewer)."""
+    strategy: str
+    """STRICT_PACK when the pool fits on one node, else PACK."""
+    roles: tuple[str, ...]
+    """Roles whose workers share each bundle (they time-share the device)."""
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.num_bundles // self.bundles_per_node)
+
+    @property
+    def share(self) -> float:
+        """Fraction of a bundle's resources one worker of one role takes, so all roles fit in a bundle.
+
+        Rounded down to 4 decimals: Ray keeps fractional resources to 1e-4, and n shares must not exceed 1.
+        """
+        return int(10000 / len(self.roles)) / 10000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where one worker rank runs."""
+
+    role: str
+    rank: int
+    pool: str
+    bundle: int
+    """Logical bundle index in `pool` (see the module docstring)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolLayout:
+    """All pools of a run and the rank -> bundle assignment of every role."""
+
+    device: str
+    pools: dict[str, PoolSpec]
+    placements: dict[str, list[Placement]]
+    """Role -> one Placement per rank, in rank order."""
+
+    def pool_of(self, role: str) -> PoolSpec:
+        return self.pools[self.placements[self._known(role)][0].pool]
+
+    def num_workers(self, role: str) -> int:
+        return len(self.placements[self._known(role)])
+
+    def _known(self, role: str) -> str:
+        if role not in self.placements:
+            raise KeyError(f"role {role!r} has no workers in this layout; roles: {sorted(self.placements)}")
+        return role
+
+
+def bundle_resources(device: str, cpus_per_gpu: float = 1.0) -> dict[str, float]:
+    """Resources of one bundle: a GPU and `cpus_per_gpu` CPUs on cuda, one CPU on cpu."""
+    if device == "cuda":
+        return {"GPU": 1.0, "CPU": float(cpus_per_gpu)}
+    if device == "cpu":
+        return {"CPU": 1.0}
+    raise ConfigError(f"cluster.device={device!r} is not allowed; choose one of ['cpu', 'cuda']")
+
+
+def compute_layout(cfg: Config, cpus_per_gpu: float = 1.0) -> PoolLayout:
+    """The pools and rank placements a config asks for.
+
+    colocated (default): one pool of num_nodes x devices_per_node bundles; each bundle hosts one actor rank,
+    one rollout shard and (for a model GenRM) one GenRM shard. separate: the GenRM gets a pool of
+    `cluster.genrm_devices` bundles of its own. program / external GenRM: no GenRM workers at all.
+    """
+    cluster = cfg.cluster
+    bundle = bundle_resources(cluster.device, cpus_per_gpu)
+    world = cluster.world_size
+    genrm_on_devices = cfg.genrm.backend in _GENRM_DEVICE_BACKENDS
+    genrm_colocated = genrm_on_devices and cfg.genrm.placement == "colocated"
+
+    _check_divides("rollout.tp", cfg.rollout.tp, world, "actor devices (cluster.num_nodes x devices_per_node)")
+    actor_roles = (ACTOR, ROLLOUT, GENRM) if genrm_colocated else (ACTOR, ROLLOUT)
+    pools = {ACTOR_POOL: _pool_spec(ACTOR_POOL, world, bundle, cluster.devices_per_node, actor_roles)}
+    placements = {role: _spread(role, ACTOR_POOL, world) for role in actor_roles}
+
+    if genrm_on_devices and not genrm_colocated:
+        num = cluster.genrm_devices
+        if num == 0:
+            raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
+        _check_divides("genrm.tp", cfg.genrm.tp, num, "cluster.genrm_devices")
+        pools[GENRM_POOL] = _pool_spec(GENRM_POOL, num, bundle, cluster.devices_per_node, (GENRM,))
+        placements[GENRM] = _spread(GENRM, GENRM_POOL, num)
+    elif genrm_colocated:
+        _check_divides("genrm.tp", cfg.genrm.tp, world, "actor devices (cluster.num_nodes x devices_per_node)")
+    return PoolLayout(device=cluster.device, pools=pools, placements=placements)
+
+
+def order_bundles(bundle_nodes: list[tuple[str, int | None]]) -> list[int]:
+    """Physical bundle indices in logical order: by node IP (numerically), then GPU id, then Ray's index.
+
+    `bundle_nodes[i]` is (node IP or hostname, GPU id or None on cpu) of physical bundle i as Ray reports it.
+    Returns `order` with `order[logical] = physical`.
+    """
+    def key(index: int) -> tuple:
+        node, gpu_id = bundle_nodes[index]
+        return (*_node_key(node), -1 if gpu_id is None else int(gpu_id), index)
+
+    return sorted(range(len(bundle_nodes)), key=key)
+
+
+def _node_key(node: str) -> tuple[int, int, str]:
+    try:
+        address = ipaddress.ip_address(node)
+    except ValueError:
+        return (1, 0, node)  # a hostname: after all IPs, alphabetically
+    return (0, (address.version << 128) | int(address), "")
+
+
+def _pool_spec(name: str, num: int, bundle: dict[str, float], per_node: int, roles: tuple[str, ...]) -> PoolSpec:
+    per_node = min(per_node, num)
+    return PoolSpec(
+        name=name,
+        num_bundles=num,
+        bundle=dict(bundle),
+        bundles_per_node=per_node,
+        strategy="STRICT_PACK" if num <= per_node else "PACK",
+        roles=roles,
+    )
+
+
+def _spread(role: str, pool: str, num: int) -> list[Placement]:
+    return [Placement(role=role, rank=rank, pool=pool, bundle=rank) for rank in range(num)]
+
+
+def _check_divides(key: str, size: int, total: int, what: str) -> None:
+    if total % size != 0:
+        raise ConfigError(f"{key}={size} does not divide the {total} {what}")

@@ -1,0 +1,278 @@
+"""Ray session and resource pools: start or join Ray, reserve the placement groups, tear it all down.
+
+`ray_session(cfg)` is the one way a run gets Ray. It starts a private local Ray (default) or joins
+`cluster.ray_address`, creates the pools `compute_layout(cfg)` asks for, and on exit, on an exception, on
+Ctrl-C or SIGTERM kills the run's worker groups, removes its placement groups and stops Ray; for a Ray it
+started, every process Ray spawned (GCS, raylet, workers and their children) is then checked gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from fapo_megatron.cluster.placement import PoolLayout, PoolSpec, compute_layout, order_bundles
+from fapo_megatron.config import Config
+
+if TYPE_CHECKING:
+    from fapo_megatron.cluster.workers import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+_PROCESS_EXIT_GRACE_S = 10.0
+
+
+class PoolTimeoutError(RuntimeError):
+    """A placement group could not be reserved in time; the message compares what was asked and what exists."""
+
+
+@dataclass(kw_only=True)
+class Pool:
+    """A reserved placement group and the hardware order of its bundles."""
+
+    spec: PoolSpec
+    placement_group: PlacementGroup
+    bundle_order: list[int]
+    """`bundle_order[logical] = physical` Ray bundle index (see placement.order_bundles)."""
+    bundle_nodes: list[tuple[str, int | None]]
+    """(node IP, GPU id or None) per logical bundle."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_bundles(self) -> int:
+        return self.spec.num_bundles
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.spec.bundle.get("GPU", 0) > 0 else "cpu"
+
+    def scheduling(self, logical_bundle: int) -> PlacementGroupSchedulingStrategy:
+        """Ray scheduling strategy that pins a task or actor to logical bundle `logical_bundle`."""
+        if not 0 <= logical_bundle < self.num_bundles:
+            raise IndexError(f"pool {self.name!r} has {self.num_bundles} bundles; bundle {logical_bundle} asked")
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_group,
+            placement_group_bundle_index=self.bundle_order[logical_bundle],
+            placement_group_capture_child_tasks=True,
+        )
+
+    def worker_resources(self, share: float) -> dict[str, float]:
+        """Ray actor options asking for `share` of one bundle's resources."""
+        options: dict[str, Any] = {"num_cpus": self.spec.bundle.get("CPU", 0.0) * share}
+        if self.device == "cuda":
+            options["num_gpus"] = self.spec.bundle["GPU"] * share
+        return options
+
+
+@ray.remote
+def _bundle_node() -> tuple[str, int | None]:
+    gpu_ids = ray.get_gpu_ids()
+    return ray.util.get_node_ip_address(), (int(gpu_ids[0]) if gpu_ids else None)
+
+
+def create_pool(spec: PoolSpec, timeout_s: float = 120.0) -> Pool:
+    """Reserve `spec` as a placement group and learn each bundle's node and GPU to order them."""
+    bundles = [dict(spec.bundle) for _ in range(spec.num_bundles)]
+    group = placement_group(bundles, strategy=spec.strategy, name=f"fapo-{spec.name}-{os.getpid()}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise PoolTimeoutError(_unplaceable_message(spec, timeout_s))
+    # A tiny probe in each bundle reports where Ray put it (a sliver of the bundle, so the probe never waits).
+    probe = {"num_cpus": 0.001 * spec.bundle.get("CPU", 0.0), "num_gpus": 0.001 * spec.bundle.get("GPU", 0.0)}
+    refs = [
+        _bundle_node.options(**probe, scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+        for index in range(spec.num_bundles)
+    ]
+    physical_nodes = ray.get(refs)
+    order = order_bundles(physical_nodes)
+    pool = Pool(spec=spec, placement_group=group, bundle_order=order, bundle_nodes=[physical_nodes[i] for i in order])
+    for logical, (node, gpu) in enumerate(pool.bundle_nodes):
+        logger.info("pool %s bundle %d -> ray bundle %d on %s gpu %s", spec.name, logical, order[logical], node, gpu)
+    return pool
+
+
+def _unplaceable_message(spec: PoolSpec, timeout_s: float) -> str:
+    asked = {key: value * spec.num_bundles for key, value in spec.bundle.items()}
+    total = {key: ray.cluster_resources().get(key, 0.0) for key in spec.bundle}
+    free = {key: ray.available_resources().get(key, 0.0) for key in spec.bundle}
+    nodes = [
+        {key: node["Resources"].get(key, 0.0) for key in spec.bundle} for node in ray.nodes() if node.get("Alive")
+    ]
+    return (
+        f"pool {spec.name!r} could not be placed within {timeout_s:g} s: asked {spec.num_bundles} bundles of "
+        f"{spec.bundle} ({spec.strategy}, {spec.bundles_per_node} per node), in all {asked}; the cluster has "
+        f"{total} ({free} free) on {len(nodes)} node(s) {nodes}. Lower cluster.num_nodes / devices_per_node / "
+        f"genrm_devices or add resources."
+    )
+
+
+@dataclass(kw_only=True)
+class RaySession:
+    """What `ray_session` hands the trainer: the layout, its reserved pools and the groups made on them."""
+
+    cfg: Config
+    layout: PoolLayout
+    pools: dict[str, Pool]
+    started_local: bool
+    temp_dir: str | None
+    groups: list[WorkerGroup] = field(default_factory=list)
+
+    def worker_group(
+        self,
+        role: str,
+        worker_cls: type,
+        *,
+        init_args: tuple = (),
+        init_kwargs: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        num_workers: int | None = None,
+    ) -> WorkerGroup:
+        """A WorkerGroup of `role` on the pool and bundles the layout gives it; shut down with the session."""
+        from fapo_megatron.cluster.workers import WorkerGroup
+
+        spec = self.layout.pool_of(role)
+        group = WorkerGroup(
+            role,
+            worker_cls,
+            self.pools[spec.name],
+            num_workers if num_workers is not None else self.layout.num_workers(role),
+            env=env,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            share=spec.share,
+            master_port=self.cfg.cluster.master_port,
+        )
+        self.groups.append(group)
+        return group
+
+    def close(self) -> None:
+        for group in reversed(self.groups):
+            with contextlib.suppress(Exception):
+                group.shutdown()
+        self.groups.clear()
+        for pool in self.pools.values():
+            with contextlib.suppress(Exception):
+                remove_placement_group(pool.placement_group)
+        self.pools.clear()
+
+
+@contextlib.contextmanager
+def ray_session(
+    cfg: Config,
+    *,
+    create_pools: bool = True,
+    pool_timeout_s: float = 120.0,
+    num_cpus: int | None = None,
+    cpus_per_gpu: float = 1.0,
+) -> Iterator[RaySession]:
+    """Start (or join) Ray, reserve the run's pools, and tear everything down on every way out.
+
+    num_cpus: logical CPUs of a locally started Ray (default: the machine's, or what the pools need if more,
+    so a CPU-only machine can host a layout larger than its core count). Ignored when joining a cluster.
+    """
+    layout = compute_layout(cfg, cpus_per_gpu)
+    address = cfg.cluster.ray_address
+    temp_dir = None
+    children_before = {child.pid for child in psutil.Process().children()}
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        needed = sum(spec.num_bundles * spec.bundle.get("CPU", 0.0) for spec in layout.pools.values())
+        temp_dir = tempfile.mkdtemp(prefix="fapo-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        ray.init(
+            address="local",
+            num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(-(-needed // 1))),
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+    # The processes a local Ray runs (GCS, raylet, monitors) are this process's new children.
+    ray_processes = [] if address else [p for p in psutil.Process().children() if p.pid not in children_before]
+    session = RaySession(cfg=cfg, layout=layout, pools={}, started_local=not address, temp_dir=temp_dir)
+    previous_handler = _raise_on_sigterm()
+    try:
+        if create_pools:
+            for spec in layout.pools.values():
+                session.pools[spec.name] = create_pool(spec, pool_timeout_s)
+        yield session
+    finally:
+        _teardown(session, ray_processes)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into SystemExit in the main thread so the session's cleanup runs; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _teardown(session: RaySession, ray_processes: list[psutil.Process]) -> None:
+    # A second Ctrl-C or SIGTERM during cleanup is ignored so it cannot cut the cleanup short.
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = {}
+    if in_main:
+        saved = {sig: signal.signal(sig, _ignore_during_teardown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        session.close()
+        # Ray's workers are children of the raylet: list them before stopping Ray re-parents them.
+        spawned = _with_descendants(ray_processes)
+        ray.shutdown()
+        _reap(spawned)
+        if session.temp_dir:
+            shutil.rmtree(session.temp_dir, ignore_errors=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_during_teardown(signum, frame):
+    logger.warning("signal %d received while tearing Ray down; finishing the teardown first", signum)
+
+
+def _with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
+    found = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            found[process.pid] = process
+            found.update({child.pid: child for child in process.children(recursive=True)})
+    return list(found.values())
+
+
+def _reap(processes: list[psutil.Process]) -> None:
+    """Wait for Ray's processes to exit; terminate, then kill, the ones that linger."""
+    deadline = time.monotonic() + _PROCESS_EXIT_GRACE_S
+    _, alive = psutil.wait_procs(processes, timeout=max(0.0, deadline - time.monotonic()) / 2)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=_PROCESS_EXIT_GRACE_S / 2)
+    for process in alive:
+        logger.warning("killing Ray process %d (%s) that outlived shutdown", process.pid, process.name())
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=2.0)

@@ -1,0 +1,252 @@
+"""Per-GPU memory estimate of a run's parallel plan, phase by phase, before a job is submitted.
+
+A colocated step time-shares each GPU (docs/ARCHITECTURE.md): the rollout engine is awake, then the GenRM
+engine, then the Megatron actor trains; whoever is asleep has released its GPU memory (SGLang
+`release_memory_occupation`, Megatron offloads parameters and optimizer state to host). So the plan fits when
+the largest phase fits. Terms: GB = 1e9 bytes; N = parameter count; t, p, d = tensor-, pipeline- and
+data-parallel sizes; T = tokens of one micro-batch (micro_batch_size x (max prompt + max response tokens)).
+
+Actor training, first pipeline stage (the one with the most activations in flight under 1F1B):
+  params   N_stage/t x 2 bytes (bf16; 4 for fp32)
+  grads    N_stage/t x 4 bytes (Megatron keeps an fp32 main-grad buffer)
+  optimizer N_stage/t x 12 bytes (fp32 master + Adam m, v), divided by d with the distributed optimizer
+  activations per layer per token, bf16 (flash/SDPA attention, no dropout):
+    replicated over t unless sequence parallel: 4h (two norm inputs, qkv input, fc1 input)
+    split over t: q + k + v + attention output (2 h_q + 2 kv_dim) and SwiGLU 4 ffn (gate, up, silu, fc2 input)
+    1F1B keeps p micro-batches of L/p layers in flight on stage 0, i.e. L layers' worth;
+    full recompute keeps only each layer's input (h, /t with sequence parallel) plus one layer's working set
+  logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
+Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
+  2 x layers x kv_heads/tp x head_dim x 2 bytes per token (KV heads are replicated when tp > kv_heads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fapo_megatron.config import Config, ConfigError
+
+GB = 1e9
+BF16 = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of an HF decoder config that decide memory (Llama/Qwen2/Qwen3 style, SwiGLU, GQA)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    head_dim: int = 0
+    """0: hidden / heads (Qwen3 sets it explicitly, and heads x head_dim may differ from hidden)."""
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.dim_per_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.dim_per_head
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return attn + bias + 3 * self.hidden * self.ffn + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def num_params(self) -> int:
+        heads = 1 if self.tied_embeddings else 2
+        return self.layers * self.layer_params + heads * self.embedding_params + self.hidden
+
+    @classmethod
+    def from_hf_config(cls, raw: dict, name: str) -> ModelShape:
+        try:
+            return cls(
+                name=name,
+                hidden=raw["hidden_size"],
+                layers=raw["num_hidden_layers"],
+                heads=raw["num_attention_heads"],
+                kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                ffn=raw["intermediate_size"],
+                vocab=raw["vocab_size"],
+                head_dim=raw.get("head_dim") or 0,
+                tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                qkv_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
+            )
+        except KeyError as err:
+            raise ConfigError(f"{name}: HF config.json lacks {err.args[0]!r}") from None
+
+
+# Copied from the public HF config.json files of these checkpoints (no download at run time).
+SHAPES = {
+    "qwen2.5-math-7b": ModelShape(
+        name="qwen2.5-math-7b", hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, qkv_bias=True
+    ),
+    "qwen2.5-32b": ModelShape(
+        name="qwen2.5-32b", hidden=5120, layers=64, heads=40, kv_heads=8, ffn=27648, vocab=152064, qkv_bias=True
+    ),
+    "qwen3-4b": ModelShape(
+        name="qwen3-4b", hidden=2560, layers=36, heads=32, kv_heads=8, ffn=9728, vocab=151936, head_dim=128,
+        tied_embeddings=True,
+    ),
+}
+
+
+def resolve_shape(path: str, fallback: str, what: str) -> ModelShape:
+    """Shape from `path`/config.json when readable, else the built-in `fallback`; `what` names the config key."""
+    config_json = Path(path) / "config.json" if path else None
+    if config_json is not None and config_json.is_file():
+        try:
+            raw = json.loads(config_json.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{config_json}: not valid JSON: {err}") from None
+        return ModelShape.from_hf_config(raw, str(config_json))
+    if fallback in SHAPES:
+        return SHAPES[fallback]
+    where = f"{config_json} is not readable and " if config_json is not None else ""
+    raise ConfigError(
+        f"{what}: {where}no built-in shape {fallback!r}; set sizing.{what.split('.')[-1]} to one of {sorted(SHAPES)}"
+    )
+
+
+@dataclass
+class Phase:
+    """One time slice of a GPU: what is resident while that role is awake."""
+
+    name: str
+    lines: list[tuple[str, float, str]] = field(default_factory=list)
+    """(component, GB, how it was computed)."""
+
+    def add(self, component: str, num_bytes: float, note: str) -> None:
+        self.lines.append((component, num_bytes / GB, note))
+
+    @property
+    def total_gb(self) -> float:
+        return sum(gb for _, gb, _ in self.lines)
+
+
+@dataclass
+class SizingReport:
+    phases: list[Phase]
+    gpu_memory_gb: float
+    problems: list[str]
+    """Empty when every phase fits and every engine has room for at least one full-length sequence."""
+
+    @property
+    def peak_gb(self) -> float:
+        return max(phase.total_gb for phase in self.phases)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def estimate(cfg: Config, policy: ModelShape, genrm: ModelShape | None) -> SizingReport:
+    """Per-GPU memory of each phase of `cfg`'s plan; `genrm` None when no GenRM model runs on the cluster."""
+    gpu = cfg.sizing.gpu_memory_gb * GB
+    phases = [_train_phase(cfg, policy)]
+    problems: list[str] = []
+    seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    phases.append(_engine_phase("rollout", policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems))
+    if genrm is not None:
+        # The judge reads the problem and the whole solution, then writes up to max_new_tokens.
+        genrm_seq = seq + cfg.genrm.max_new_tokens
+        name = "genrm" if cfg.genrm.placement == "colocated" else "genrm (own pool)"
+        phases.append(_engine_phase(name, genrm, cfg.genrm.tp, cfg.genrm.mem_fraction, genrm_seq, cfg, problems))
+    for phase in phases:
+        phase.add("runtime overhead", cfg.sizing.runtime_overhead_gb * GB, "sizing.runtime_overhead_gb")
+        if phase.total_gb * GB > gpu:
+            problems.append(
+                f"{phase.name} phase needs {phase.total_gb:.1f} GB per GPU, more than sizing.gpu_memory_gb="
+                f"{cfg.sizing.gpu_memory_gb:g}"
+            )
+    return SizingReport(phases=phases, gpu_memory_gb=cfg.sizing.gpu_memory_gb, problems=problems)
+
+
+def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
+    par, t, p, d = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp, cfg.dp
+    phase = Phase("actor train")
+    stage_params = math.ceil(shape.layers / p) * shape.layer_params + shape.embedding_params
+    if p == 1 and not shape.tied_embeddings:
+        stage_params += shape.embedding_params
+    per_rank = stage_params / t
+    param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
+    phase.add("params", per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B")
+    phase.add("grads", per_rank * FP32, "fp32 main grads")
+    opt_bytes = 8 if cfg.model.dtype == "float32" else 12
+    shards = d if par.use_distributed_optimizer else 1
+    phase.add("optimizer", per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards")
+    tokens = par.micro_batch_size * (cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    sp_div = t if par.sequence_parallel else 1
+    replicated = 4 * shape.hidden / sp_div
+    split = (2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.ffn) / t
+    layer_bytes = BF16 * (replicated + split) * tokens
+    if par.recompute == "full":
+        kept = BF16 * shape.hidden / sp_div * tokens * shape.layers
+        phase.add("activations", kept + layer_bytes, f"full recompute: {shape.layers} layer inputs + 1 layer, T={tokens}")
+    else:
+        phase.add("activations", layer_bytes * shape.layers, f"{par.recompute} recompute: {shape.layers} layers, T={tokens}")
+    phase.add("logits", tokens * shape.vocab / t * FP32 * 2, "fp32 logits + grad, vocab / t")
+    return phase
+
+
+def _engine_phase(name, shape: ModelShape, tp: int, mem_fraction: float, seq: int, cfg: Config, problems) -> Phase:
+    gpu = cfg.sizing.gpu_memory_gb * GB
+    phase = Phase(name)
+    pool = mem_fraction * gpu
+    weights = shape.num_params / tp * BF16
+    kv_heads_per_rank = max(1, shape.kv_heads // tp)
+    kv_per_token = 2 * shape.layers * kv_heads_per_rank * shape.dim_per_head * BF16
+    kv = max(pool - weights, 0.0)
+    phase.add(f"{shape.name} weights", weights, f"{shape.num_params / 1e9:.2f}B params / tp={tp} bf16")
+    full_sequences = kv / kv_per_token / seq
+    phase.add("KV cache", kv, f"pool {mem_fraction:g} x GPU; {kv / kv_per_token / 1e3:.0f}k tokens = "
+              f"{full_sequences:.1f} x {seq}-token sequences")
+    if full_sequences < 1:
+        problems.append(
+            f"{name} engine: {mem_fraction:g} x {cfg.sizing.gpu_memory_gb:g} GB leaves {kv / GB:.1f} GB of KV cache "
+            f"after {weights / GB:.1f} GB of weights, not enough for one {seq}-token sequence; raise its tp or "
+            f"mem_fraction"
+        )
+    return phase
+
+
+def format_report(report: SizingReport) -> str:
+    """The breakdown table `fapo-megatron slurm size` prints."""
+    rows = [f"{'phase':<18} {'component':<26} {'GB/GPU':>8}  how"]
+    for phase in report.phases:
+        for component, gb, note in phase.lines:
+            rows.append(f"{phase.name:<18} {component:<26} {gb:>8.1f}  {note}")
+        rows.append(f"{phase.name:<18} {'= total':<26} {phase.total_gb:>8.1f}")
+    verdict = "fits" if report.fits else "DOES NOT FIT"
+    rows.append(f"peak {report.peak_gb:.1f} GB of {report.gpu_memory_gb:g} GB per GPU: {verdict}")
+    rows.extend(f"  problem: {problem}" for problem in report.problems)
+    return "\n".join(rows)
+
+
+def estimate_for_config(cfg: Config) -> SizingReport:
+    """Resolve the shapes `cfg` names (config.json first, then sizing.*_shape) and estimate."""
+    policy = resolve_shape(cfg.model.path, cfg.sizing.model_shape, "sizing.model_shape")
+    genrm = None
+    if cfg.algorithm.name == "fapo" and cfg.genrm.backend in ("sglang", "embedded"):
+        genrm = resolve_shape(cfg.genrm.model_path, cfg.sizing.genrm_shape, "sizing.genrm_shape")
+    return estimate(cfg, policy, genrm)

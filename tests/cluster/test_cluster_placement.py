@@ -1,0 +1,102 @@
+"""Pool layouts and bundle ordering: pure functions, no Ray cluster."""
+
+import pytest
+
+from fapo_megatron.cluster.placement import compute_layout, order_bundles
+from fapo_megatron.cluster.workers import rank_environments
+from fapo_megatron.config import ConfigError, load_config
+
+
+def _layout(*overrides, cpus_per_gpu=1.0):
+    return compute_layout(load_config(None, list(overrides)), cpus_per_gpu)
+
+
+def test_default_cpu_colocated_program_genrm_is_one_pool_without_genrm_workers():
+    layout = _layout("cluster.devices_per_node=2")
+    assert list(layout.pools) == ["actor"]
+    pool = layout.pools["actor"]
+    assert (pool.num_bundles, pool.bundle, pool.strategy, pool.num_nodes) == (2, {"CPU": 1.0}, "STRICT_PACK", 1)
+    assert pool.roles == ("actor", "rollout") and pool.share == 0.5
+    assert sorted(layout.placements) == ["actor", "rollout"]
+    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["actor"]] == [(0, "actor", 0), (1, "actor", 1)]
+
+
+def test_cuda_colocated_model_genrm_shares_every_bundle_across_nodes():
+    layout = _layout(
+        "cluster.device=cuda", "cluster.num_nodes=2", "cluster.devices_per_node=4", "genrm.backend=embedded",
+        cpus_per_gpu=4,
+    )
+    assert list(layout.pools) == ["actor"]
+    pool = layout.pools["actor"]
+    assert pool.bundle == {"GPU": 1.0, "CPU": 4.0}
+    assert (pool.num_bundles, pool.bundles_per_node, pool.num_nodes, pool.strategy) == (8, 4, 2, "PACK")
+    assert pool.roles == ("actor", "rollout", "genrm")
+    assert pool.share == 0.3333 and 3 * pool.share <= 1.0
+    for role in ("actor", "rollout", "genrm"):
+        assert [(p.pool, p.bundle) for p in layout.placements[role]] == [("actor", r) for r in range(8)]
+    assert layout.pool_of("genrm") is pool
+
+
+def test_cuda_separate_genrm_gets_its_own_pool():
+    layout = _layout(
+        "cluster.device=cuda", "cluster.devices_per_node=4", "cluster.genrm_devices=2",
+        "genrm.backend=sglang", "genrm.placement=separate", "genrm.tp=2",
+    )
+    assert sorted(layout.pools) == ["actor", "genrm"]
+    actor, genrm = layout.pools["actor"], layout.pools["genrm"]
+    assert (actor.num_bundles, actor.roles, actor.strategy) == (4, ("actor", "rollout"), "STRICT_PACK")
+    assert (genrm.num_bundles, genrm.roles, genrm.bundle, genrm.share) == (2, ("genrm",), {"GPU": 1.0, "CPU": 1.0}, 1.0)
+    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["genrm"]] == [(0, "genrm", 0), (1, "genrm", 1)]
+    assert layout.num_workers("actor") == 4 and layout.num_workers("genrm") == 2
+
+
+def test_separate_genrm_pool_larger_than_a_node_spans_nodes():
+    layout = _layout(
+        "cluster.device=cuda", "cluster.devices_per_node=2", "cluster.genrm_devices=6",
+        "genrm.backend=embedded", "genrm.placement=separate",
+    )
+    genrm = layout.pools["genrm"]
+    assert (genrm.num_bundles, genrm.bundles_per_node, genrm.num_nodes, genrm.strategy) == (6, 2, 3, "PACK")
+
+
+@pytest.mark.parametrize("placement", ["colocated", "separate"])
+def test_external_genrm_needs_no_pool_or_workers(placement):
+    layout = _layout(
+        "cluster.device=cuda", "cluster.devices_per_node=2", "genrm.backend=external",
+        "genrm.url=http://judge:8000", f"genrm.placement={placement}",
+    )
+    assert list(layout.pools) == ["actor"] and "genrm" not in layout.placements
+    with pytest.raises(KeyError, match="role 'genrm' has no workers"):
+        layout.pool_of("genrm")
+
+
+def test_sizes_that_do_not_divide_are_named():
+    with pytest.raises(ConfigError, match=r"rollout.tp=3 does not divide the 4 actor devices"):
+        _layout("cluster.devices_per_node=4", "rollout.tp=3")
+    with pytest.raises(ConfigError, match=r"genrm.tp=2 does not divide the 3 cluster.genrm_devices"):
+        _layout("cluster.genrm_devices=3", "genrm.backend=embedded", "genrm.placement=separate", "genrm.tp=2")
+
+
+def test_bundles_sort_by_numeric_ip_then_gpu_then_hostnames_last():
+    nodes = [("10.0.0.10", 0), ("10.0.0.2", 1), ("node-b", 0), ("10.0.0.2", 0), ("10.0.0.9", 3), ("10.0.0.10", 1)]
+    # As strings 10.0.0.10 < 10.0.0.2; numerically .2 < .9 < .10.
+    assert order_bundles(nodes) == [3, 1, 4, 0, 5, 2]
+    assert order_bundles([("127.0.0.1", None)] * 3) == [0, 1, 2]
+    assert order_bundles([("10.0.0.1", 0), ("::1", 0)]) == [0, 1]
+
+
+def test_rank_environments_on_cuda_widen_visible_devices_to_the_node():
+    nodes = [("10.0.0.1", [2]), ("10.0.0.1", [5]), ("10.0.0.2", [0]), ("10.0.0.2", [1])]
+    envs = rank_environments(nodes, 29500, "cuda")
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"] and {e["WORLD_SIZE"] for e in envs} == {"4"}
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2,5", "2,5", "0,1", "0,1"]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"], e["FAPO_DIST_BACKEND"]) for e in envs} == {
+        ("10.0.0.1", "29500", "nccl")
+    }
+
+
+def test_rank_environments_on_cpu_count_local_ranks_per_node_and_use_gloo():
+    envs = rank_environments([("a", []), ("b", []), ("a", [])], 1234, "cpu")
+    assert [(e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) for e in envs] == [("0", "2"), ("0", "1"), ("1", "2")]
+    assert all("CUDA_VISIBLE_DEVICES" not in e and e["FAPO_DIST_BACKEND"] == "gloo" for e in envs)
