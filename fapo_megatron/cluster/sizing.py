@@ -167,6 +167,7 @@ def estimate(cfg: Config, policy: ModelShape, genrm: ModelShape | None) -> Sizin
     problems: list[str] = []
     seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     phases.append(_engine_phase("rollout", policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems))
+    phases.append(_weight_sync_phase(cfg, policy))
     if genrm is not None:
         # The judge reads the problem and the whole solution, then writes up to max_new_tokens.
         genrm_seq = seq + cfg.genrm.max_new_tokens
@@ -206,6 +207,16 @@ def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
     else:
         phase.add("activations", layer_bytes * shape.layers, f"{par.recompute} recompute: {shape.layers} layers, T={tokens}")
     phase.add("logits", tokens * shape.vocab / t * FP32 * 2, "fp32 logits + grad, vocab / t")
+    return phase
+
+
+def _weight_sync_phase(cfg: Config, shape: ModelShape) -> Phase:
+    """Actor parameters and the engine's weights are both resident while buckets move between them."""
+    phase = Phase("weight sync")
+    actor = (shape.num_params / (cfg.parallel.tp * cfg.parallel.pp)) * BF16
+    phase.add("actor params", actor, f"bf16 / (t x p)={cfg.parallel.tp * cfg.parallel.pp}")
+    phase.add("engine weights", shape.num_params / cfg.rollout.tp * BF16, f"bf16 / rollout tp={cfg.rollout.tp}")
+    phase.add("bucket", 2 * cfg.rollout.weight_sync_bucket_mb * 2**20, "gathered HF-layout bucket + its copy")
     return phase
 
 
