@@ -9,6 +9,7 @@ A rank that raises, or whose process dies, surfaces as a WorkerError naming the 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ class _WorkerHost:
 
 
 _RemoteHost = ray.remote(_WorkerHost)
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class WorkerGroup:
@@ -174,10 +176,10 @@ class WorkerGroup:
         try:
             return ray.get(ref)
         except RayTaskError as err:
-            text = str(err)
+            text = _ANSI_ESCAPE.sub("", str(err))
             raise WorkerError(self.role, rank, method, _last_line(text), text) from err
         except RayActorError as err:
-            text = str(err)
+            text = _ANSI_ESCAPE.sub("", str(err))
             raise WorkerError(self.role, rank, method, f"worker process died ({_first_line(text)})", text) from err
         except GetTimeoutError as err:
             raise WorkerError(self.role, rank, method, "timed out", str(err)) from err

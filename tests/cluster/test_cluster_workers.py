@@ -1,0 +1,127 @@
+"""Worker groups on a real local Ray: gloo all_reduce through the given env, failures named, pool errors."""
+
+import os
+import sys
+
+import psutil
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+
+from fapo_megatron.cluster.dist_env import init_distributed_from_env
+from fapo_megatron.cluster.placement import PoolSpec
+from fapo_megatron.cluster.pools import PoolTimeoutError, create_pool, ray_session
+from fapo_megatron.cluster.workers import WorkerError, WorkerGroup
+from fapo_megatron.config import load_config
+
+# Workers import this module by value: tests/ is not importable from Ray's worker processes.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Summer:
+    """Joins torch.distributed from the env the group set, then sums over ranks."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+        self.dist_env = init_distributed_from_env(timeout_s=60)
+
+    def all_reduce(self, value: float) -> float:
+        tensor = torch.tensor([value * self.scale * (dist.get_rank() + 1)])
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def env(self) -> dict:
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FAPO_TEST_MARK")
+        return {key: os.environ.get(key) for key in keys} | {"pid": os.getpid(), "backend": dist.get_backend()}
+
+    def shard(self, items: list) -> int:
+        return sum(items) * 10 + dist.get_rank()
+
+    def fail_on(self, rank: int) -> int:
+        if dist.get_rank() == rank:
+            raise ValueError(f"bad shard {rank}")
+        return dist.get_rank()
+
+
+class Crasher:
+    def die(self):
+        os._exit(3)
+
+
+class BrokenInit:
+    def __init__(self, path: str):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+@pytest.fixture(scope="module")
+def session():
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # local test cluster only
+    cfg = load_config(None, ["cluster.devices_per_node=2"])
+    with ray_session(cfg, pool_timeout_s=60) as ray_run:
+        yield ray_run
+
+
+@pytest.fixture(scope="module")
+def summers(session):
+    return session.worker_group("actor", Summer, init_args=(0.5,), env={"FAPO_TEST_MARK": "seen"})
+
+
+def test_session_reserves_the_layouts_pool(session):
+    pool = session.pools["actor"]
+    assert pool.num_bundles == 2 and pool.device == "cpu" and sorted(pool.bundle_order) == [0, 1]
+    assert len({node for node, _ in pool.bundle_nodes}) == 1 and all(gpu is None for _, gpu in pool.bundle_nodes)
+
+
+def test_two_workers_all_reduce_over_gloo_with_the_given_env(summers):
+    # rank r contributes 4 * 0.5 * (r + 1): 2 + 4 = 6 on both ranks.
+    assert summers.call("all_reduce", 4.0) == [6.0, 6.0]
+    envs = summers.call("env")
+    assert [(e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"]) for e in envs] == [("0", "2", "0"), ("1", "2", "1")]
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {(summers.master_addr, str(summers.master_port))}
+    assert all(e["FAPO_TEST_MARK"] == "seen" and e["backend"] == "gloo" for e in envs)
+    pids = [e["pid"] for e in envs]
+    assert len(set(pids)) == 2 and pids == summers.pids and os.getpid() not in pids
+    assert ray.get(summers.call_async("all_reduce", 1.0)) == [1.5, 1.5]
+    assert summers.call_each("shard", [([1, 2],), ([3],)]) == [30, 31]
+    assert summers.call_rank(1, "shard", [5]) == 51
+
+
+def test_a_raising_worker_is_named_by_role_and_rank(summers):
+    with pytest.raises(WorkerError) as caught:
+        summers.call("fail_on", 1)
+    err = caught.value
+    assert (err.role, err.rank, err.method) == ("actor", 1, "fail_on")
+    assert str(err) == "actor worker rank 1 failed in fail_on(): ValueError: bad shard 1"
+    assert err.remote_traceback.startswith("ray::_WorkerHost.call()") and ", in fail_on\n" in err.remote_traceback
+    assert summers.call("fail_on", 5) == [0, 1]  # the group survives a raised exception
+
+
+def test_a_dying_worker_is_named_and_its_group_shuts_down(session):
+    crashers = WorkerGroup("rollout", Crasher, session.pools["actor"], 1, share=0.25)
+    (pid,) = crashers.pids
+    with pytest.raises(WorkerError, match=r"^rollout worker rank 0 failed in die\(\): worker process died"):
+        crashers.call("die")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    crashers.shutdown()
+    with pytest.raises(RuntimeError, match="'rollout' was shut down"):
+        crashers.call("die")
+
+
+def test_a_worker_failing_in_init_is_named(session):
+    expected = "genrm worker rank 0 failed in BrokenInit.__init__(): FileNotFoundError: no checkpoint at /nope"
+    with pytest.raises(WorkerError) as caught:
+        WorkerGroup("genrm", BrokenInit, session.pools["actor"], 1, init_args=("/nope",), share=0.25)
+    assert str(caught.value) == expected
+
+
+def test_an_unplaceable_pool_says_what_was_asked_and_what_exists(session):
+    spec = PoolSpec(
+        name="huge", num_bundles=64, bundle={"CPU": 1.0}, bundles_per_node=64, strategy="STRICT_PACK", roles=("x",)
+    )
+    total_cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(PoolTimeoutError) as caught:
+        create_pool(spec, timeout_s=1.0)
+    message = str(caught.value)
+    assert "pool 'huge'" in message and "64 bundles of {'CPU': 1.0}" in message and "{'CPU': 64.0}" in message
+    assert f"the cluster has {{'CPU': {total_cpus}}}" in message
