@@ -54,6 +54,8 @@ class Verdict:
     """Tokens the judge generated (0 for the program checker or when unknown)."""
     detail: str = ""
     """Why a verdict is not ok (the error message, the HTTP status, ...)."""
+    attempts: int = 1
+    """Calls made for this verdict (1 + retries); 0 when it was never sent (the deadline had passed)."""
 
     def __post_init__(self):
         ok = self.status == VerdictStatus.OK
@@ -85,6 +87,8 @@ class JudgeCounts:
     timed_out: int = 0
     errors: int = 0
     unavailable: int = 0
+    retries: int = 0
+    """Calls beyond the first, over all requests."""
     output_tokens: int = 0
 
     @classmethod
@@ -97,6 +101,7 @@ class JudgeCounts:
     def add(self, verdict: Verdict) -> None:
         self.asked += 1
         self.output_tokens += verdict.output_tokens
+        self.retries += max(verdict.attempts - 1, 0)
         if verdict.status == VerdictStatus.OK:
             if verdict.flawed:
                 self.flawed += 1

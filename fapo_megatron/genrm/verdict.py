@@ -15,7 +15,7 @@ MAX_BOX_CHARS = 256
 """A box whose content runs longer than this is not an index (keeps parsing O(1) after the search)."""
 
 _WRAPPERS = re.compile(r"^\\(?:text|textbf|mathrm|mathbf|mbox)\{(.*)\}$", re.DOTALL)
-_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def last_boxed_content(text: str) -> str | None:
@@ -49,7 +49,7 @@ def parse_index(content: str) -> int | None:
     wrapped = _WRAPPERS.match(content)
     if wrapped:
         content = wrapped.group(1).strip()
-    if not _INTEGER.match(content):
+    if not _INTEGER.fullmatch(content):
         return None
     return int(content)
 
@@ -58,23 +58,20 @@ def parse_verdict(text: str, num_steps: int, *, output_tokens: int = 0) -> Verdi
     """Verdict from a GenRM answer: ok with the index when it is -1 or in 0..num_steps-1, else unparseable."""
     if num_steps < 0:
         raise ValueError(f"num_steps={num_steps} must be >= 0")
+
+    def unparseable(detail: str) -> Verdict:
+        return Verdict(
+            VerdictStatus.UNPARSEABLE, num_steps=num_steps, raw_text=text, output_tokens=output_tokens, detail=detail
+        )
+
     content = last_boxed_content(text)
     if content is None:
-        return Verdict(
-            VerdictStatus.UNPARSEABLE, num_steps=num_steps, raw_text=text, output_tokens=output_tokens,
-            detail="no complete \\boxed{} at the end of the answer",
-        )
+        return unparseable("no complete \\boxed{} at the end of the answer")
     index = parse_index(content)
     if index is None:
-        return Verdict(
-            VerdictStatus.UNPARSEABLE, num_steps=num_steps, raw_text=text, output_tokens=output_tokens,
-            detail=f"boxed content is not an integer: {content[:64]!r}",
-        )
+        return unparseable(f"boxed content is not an integer: {content[:64]!r}")
     if index != -1 and not 0 <= index < num_steps:
-        return Verdict(
-            VerdictStatus.UNPARSEABLE, num_steps=num_steps, raw_text=text, output_tokens=output_tokens,
-            detail=f"index {index} outside -1..{num_steps - 1}",
-        )
+        return unparseable(f"index {index} outside -1..{num_steps - 1}")
     return Verdict(
         VerdictStatus.OK, first_error_step=index, num_steps=num_steps, raw_text=text, output_tokens=output_tokens
     )

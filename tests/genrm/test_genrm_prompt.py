@@ -30,8 +30,10 @@ def test_one_long_paragraph_stays_one_step():
     assert split_steps(long, max_steps=4) == [long.strip()]
 
 
-@pytest.mark.parametrize("num_paragraphs,max_steps,sizes", [(10, 4, [3, 3, 2, 2]), (33, 32, [2] + [1] * 31),
-                                                              (64, 32, [2] * 32), (7, 1, [7]), (5, 5, [1] * 5)])
+@pytest.mark.parametrize(
+    "num_paragraphs,max_steps,sizes",
+    [(10, 4, [3, 3, 2, 2]), (33, 32, [2] + [1] * 31), (64, 32, [2] * 32), (7, 1, [7]), (5, 5, [1] * 5)],
+)
 def test_merge_is_even_and_loses_nothing(num_paragraphs, max_steps, sizes):
     paragraphs = [f"p{i} = {i} * 2" for i in range(num_paragraphs)]
     steps = split_steps("\n\n".join(paragraphs), max_steps=max_steps)

@@ -1,0 +1,115 @@
+"""A stand-in GenRM server for tests: OpenAI `/v1/chat/completions` or SGLang `/generate`, stdlib only.
+
+Request and response JSON follow the OpenAI chat-completions schema and SGLang's native `/generate`
+(SGLang 0.5.x: body `text` + `sampling_params`; reply `text` + `meta_info` with `completion_tokens`).
+What it answers is steered by a directive in the problem text, `[[judge:X]]`:
+  an integer N -> "...\\boxed{N}";  garbage -> prose without a box;  slow -> sleeps 30 s first;
+  503 -> HTTP 503 every time;  flaky -> HTTP 503 on the first try of that prompt, then -1;  drop -> closes the
+  connection without answering;  400 -> HTTP 400.  No directive -> "\\boxed{-1}".
+Run as a script (`python genrm_standin_server.py openai|sglang [delay_s]`) it prints its port and serves until killed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DIRECTIVE = re.compile(r"\[\[judge:([^\]]+)\]\]")
+
+
+class StandinGenRM(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, api: str, delay_s: float = 0.0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.api, self.delay_s = api, delay_s
+        self.requests: list[dict] = []
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StandinGenRM
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        path = {"openai": "/v1/chat/completions", "sglang": "/generate"}[self.server.api]
+        if self.path != path:
+            return self._send(404, {"error": f"no route {self.path}"})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"] if self.server.api == "openai" else body["text"]
+        with self.server.lock:
+            self.server.requests.append(body)
+            tries = self.server.seen[prompt] = self.server.seen.get(prompt, 0) + 1
+        time.sleep(self.server.delay_s)
+        match = DIRECTIVE.search(prompt)
+        directive = match.group(1) if match else "-1"
+        if directive == "slow":
+            time.sleep(30)
+        if directive == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if directive in ("503", "400") or (directive == "flaky" and tries == 1):
+            code = 400 if directive == "400" else 503
+            return self._send(code, {"error": {"message": "overloaded" if code == 503 else "bad request"}})
+        if directive == "garbage":
+            text = "I think paragraph two looks off, but I cannot decide."
+        else:
+            text = f"Let me check each paragraph.\n\nThe earliest error index is \\boxed{{{-1 if directive == 'flaky' else directive}}}."
+        self._send(200, self._reply(text, body))
+
+    def _reply(self, text: str, body: dict) -> dict:
+        tokens = len(text.split())
+        if self.server.api == "openai":
+            return {
+                "id": "chatcmpl-standin",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", ""),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens},
+            }
+        return {
+            "text": text,
+            "meta_info": {
+                "id": "standin",
+                "finish_reason": {"type": "stop", "matched": 151645},
+                "prompt_tokens": 10,
+                "completion_tokens": tokens,
+                "cached_tokens": 0,
+            },
+        }
+
+    def _send(self, code: int, payload: dict):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+if __name__ == "__main__":
+    server = StandinGenRM(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
