@@ -39,19 +39,42 @@ def split_steps(solution: str, max_steps: int = 32) -> list[str]:
     sizes (in paragraphs) differ by at most one, earlier steps taking the extra ones; nothing is lost.
     A long paragraph without blank lines stays one step.
     """
+    paragraphs = split_paragraphs(solution)
     if max_steps < 1:
         raise ValueError(f"max_steps={max_steps} must be >= 1")
-    paragraphs = [p.strip() for p in _BLANK_LINE.split(solution.replace("\r\n", "\n"))]
-    paragraphs = [p for p in paragraphs if p]
     if len(paragraphs) <= max_steps:
         return paragraphs
-    base, extra = divmod(len(paragraphs), max_steps)
     steps, start = [], 0
-    for index in range(max_steps):
-        size = base + (1 if index < extra else 0)
+    for size in _merge_sizes(len(paragraphs), max_steps):
         steps.append(STEP_JOINER.join(paragraphs[start : start + size]))
         start += size
     return steps
+
+
+def split_paragraphs(solution: str) -> list[str]:
+    """The paragraphs of `solution` before any merging: cut at blank lines, stripped, empty ones dropped."""
+    paragraphs = [p.strip() for p in _BLANK_LINE.split(solution.replace("\r\n", "\n"))]
+    return [p for p in paragraphs if p]
+
+
+def step_of_paragraph(paragraph_index: int, num_paragraphs: int, max_steps: int) -> int:
+    """Index of the step of `split_steps(..., max_steps)` that holds paragraph `paragraph_index`."""
+    if not 0 <= paragraph_index < num_paragraphs:
+        raise ValueError(f"paragraph_index={paragraph_index} outside 0..{num_paragraphs - 1}")
+    if num_paragraphs <= max_steps:
+        return paragraph_index
+    end = 0
+    for step, size in enumerate(_merge_sizes(num_paragraphs, max_steps)):
+        end += size
+        if paragraph_index < end:
+            return step
+    raise AssertionError("unreachable: merge sizes add up to num_paragraphs")
+
+
+def _merge_sizes(num_paragraphs: int, max_steps: int) -> list[int]:
+    """Paragraphs per merged step: sizes differ by at most one, earlier steps take the extra ones."""
+    base, extra = divmod(num_paragraphs, max_steps)
+    return [base + (1 if index < extra else 0) for index in range(max_steps)]
 
 
 def tag_steps(steps: Sequence[str]) -> str:
