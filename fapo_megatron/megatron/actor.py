@@ -1,0 +1,416 @@
+"""The policy actor: one object per rank, training the policy with megatron-core under TP x PP x DP.
+
+Every public method takes the FULL global batch on every rank and returns full results on every rank; each rank
+works on its data-parallel shard, and pipeline stages run Megatron's schedules (1F1B for pp > 1).
+
+Loss scaling, exactly a single-process step: each micro-batch's loss is the FAPO/PPO loss of its rows divided by
+the mini-batch's GLOBAL token (or sequence) count N, so the micro-batch losses of all DP ranks sum to the
+mini-batch loss. Megatron is run in per-token-loss mode: the loss function returns (loss * N, local count n),
+gradients are summed (not averaged) over DP and finally divided by sum(n) = N.
+
+Legend: B rows of a batch, S padded sequence length, V_r vocabulary rows of this TP rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from fapo_megatron.algo import ppo_loss
+from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.config import Config
+from fapo_megatron.megatron import model as mcore, platform
+from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logprobs
+from fapo_megatron.megatron.offload import StateOffloader
+from fapo_megatron.models import hf_mapping, registry
+
+_SUM_METRICS = ("pg_loss", "kl_loss", "entropy_loss", "local_num_tokens", "local_num_sequences")
+_MAX_METRICS = ("tis_ratio_max",)
+
+
+class MegatronActor:
+    """The trained policy on this rank. Build it on every rank of the job with the same `cfg`."""
+
+    def __init__(self, cfg: Config, *, hf_config: dict | None = None, total_steps: int | None = None):
+        self.cfg = cfg
+        par = cfg.parallel
+        platform.setup(cfg.cluster.device)
+        self.layout = mcore.init_model_parallel(par.tp, par.pp, cfg.trainer.seed)
+        if hf_config is None:
+            hf_config = (
+                json.loads((Path(cfg.model.path) / "config.json").read_text())
+                if cfg.model.path
+                else registry.tiny_hf_config(cfg.model.tiny)
+            )
+        self.hf_config = hf_config
+        self.spec = registry.model_spec(hf_config)
+        self.mapping = dataclasses.replace(
+            hf_mapping.MappingSpec.from_hf_config(hf_config, tp=par.tp),
+            padded_vocab_size=self.spec.padded_vocab_size(par.tp),
+        )
+        self.mapping.check_tp(par.tp)
+        self.config = registry.transformer_config(
+            self.spec,
+            tp=par.tp,
+            pp=par.pp,
+            dtype=cfg.model.dtype,
+            sequence_parallel=par.sequence_parallel,
+            initialize_weights=not cfg.model.path,
+            calculate_per_token_loss=True,
+        )
+        self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
+        if cfg.model.path:
+            self._load_hf_weights(Path(cfg.model.path))
+        self.ddp = mcore.wrap_ddp(self.model, self.config, par.use_distributed_optimizer)
+        self.optimizer = mcore.build_optimizer(self.ddp, cfg.optim, cfg.model.dtype, par.use_distributed_optimizer)
+        if total_steps is None:
+            updates_per_step = cfg.data.batch_size // cfg.algorithm.mini_batch_size * cfg.algorithm.ppo_epochs
+            total_steps = cfg.trainer.steps * updates_per_step
+        self.scheduler = mcore.build_scheduler(self.optimizer, cfg.optim, total_steps)
+        self.config.no_sync_func = self.ddp.no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "float16" else None
+        self.step = 0
+        """Optimizer steps taken (saved in checkpoints)."""
+        self._offloader = StateOffloader(self.ddp, self.optimizer)
+        if cfg.model.megatron_checkpoint:
+            self.load(cfg.model.megatron_checkpoint)
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def _load_hf_weights(self, folder: Path) -> None:
+        """Load this rank's TP slices of its pipeline stage's tensors, reading only those from safetensors."""
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors in {folder}")
+            weight_map = {}
+            for file in files:
+                with safe_open(file, "pt", device="cpu") as handle:
+                    weight_map.update({name: file.name for name in handle.keys()})
+        handles = {}
+
+        def read(name: str) -> torch.Tensor:
+            if name not in weight_map:
+                raise KeyError(f"{folder}: tensor {name!r} not found in the checkpoint")
+            file = weight_map[name]
+            if file not in handles:
+                handles[file] = safe_open(folder / file, "pt", device="cpu")
+            return handles[file].get_tensor(name)
+
+        state = hf_mapping.rank_state_dict(
+            read, self.mapping, tp=self.layout.tp, tp_rank=self.layout.tp_rank, pp=self.layout.pp,
+            pp_stage=self.layout.pp_rank,
+        )  # fmt: skip
+        self.load_megatron_state(state, source=str(folder))
+
+    def load_megatron_state(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Copy this rank's (stage-local, TP-sliced) tensors into the model; every parameter must be covered."""
+        params = dict(self.model.named_parameters())
+        missing = [name for name in params if name not in state]
+        if missing:
+            raise KeyError(f"{source}: no weights for model parameter(s) {missing[:4]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if name not in params:
+                    raise KeyError(f"{source}: tensor {name!r} has no parameter in this stage's model")
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"model expects {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(tensor)
+
+    def export_hf_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield buckets of (HF name, full tensor) of at most `bucket_bytes` (one tensor may exceed it alone),
+        gathered across TP and broadcast from the owning pipeline stage; every rank must iterate it fully."""
+        bucket, size = [], 0
+        for name, tensor in self._iter_hf_tensors():
+            if bucket and size + tensor.numel() * tensor.element_size() > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+        if bucket:
+            yield bucket
+
+    def _iter_hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        lay, spec = self.layout, self.mapping
+        params = dict(self.model.named_parameters())
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp_ranks = dist.get_process_group_ranks(pp_group)
+        for mapping in hf_mapping.build_mappings(spec):
+            stage = 0 if mapping.layer is None and "embedding" in mapping.megatron_name else lay.pp - 1
+            if mapping.layer is not None:
+                stage = hf_mapping.global_to_local_layer(mapping.layer, spec.num_layers, lay.pp)[0]
+            full_shape = _full_shape(mapping, spec)
+            if lay.pp_rank == stage:
+                local = params[hf_mapping.localize_name(mapping.megatron_name, spec.num_layers, lay.pp)].detach()
+                shards = [torch.empty_like(local) for _ in range(lay.tp)]
+                dist.all_gather(shards, local.contiguous(), group=tp_group)
+                full = hf_mapping.tp_gather(mapping.megatron_name, shards)
+            else:
+                full = torch.empty(full_shape, dtype=self.config.params_dtype, device=platform.device())
+            if lay.pp > 1:
+                dist.broadcast(full, src=pp_ranks[stage], group=pp_group)
+            yield from zip(mapping.hf_names, hf_mapping.to_hf(mapping, full, spec))
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _micro_batches(self, batch: TrainBatch, rows_multiple: int) -> tuple[list[dict], int, int]:
+        """This DP rank's micro-batches (dicts of device tensors), the padded length S and its real row count."""
+        lay, mbs = self.layout, self.cfg.parallel.micro_batch_size
+        multiple = lay.tp if self.cfg.parallel.sequence_parallel else 1
+        batch = _pad_columns(batch.trimmed(multiple), multiple)
+        real = len(batch)
+        if real % rows_multiple:
+            batch = _pad_rows(batch, rows_multiple - real % rows_multiple)
+        local = batch.shard(lay.dp_rank, lay.dp).to(platform.device())
+        seq = local.tokens.shape[1]
+        positions = torch.arange(seq, device=platform.device()).expand(mbs, seq)
+        micro = []
+        for chunk in local.chunks(mbs):
+            item = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
+            item["position_ids"] = positions[: len(chunk)]
+            micro.append(item)
+        return micro, seq, real
+
+    def _forward_step(self, loss_func, data_iterator, model):
+        item = next(data_iterator)
+        output = model(item["tokens"], item["position_ids"], None)
+        return output, partial(loss_func, item)
+
+    def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float):
+        targets = torch.nn.functional.pad(item["tokens"][:, 1:], (0, 1))
+        logprobs, entropy = vocab_parallel_logprobs(
+            logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size
+        )
+        return align_to_tokens(logprobs), align_to_tokens(entropy)
+
+    def _run(self, micro: list[dict], seq: int, loss_func, forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_func),
+            data_iterator=iter(micro),
+            model=[self.ddp],
+            num_microbatches=len(micro),
+            seq_length=seq,
+            micro_batch_size=self.cfg.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropy), each [B, S] float32 on CPU, of softmax(logits / temperature); position t is about
+        token t given tokens[:t]; 0 at column 0 and on padding."""
+        lay = self.layout
+        micro, seq, real = self._micro_batches(batch, lay.dp * self.cfg.parallel.micro_batch_size)
+
+        def collect(item, logits):
+            logprobs, entropy = self._token_logprobs(item, logits, temperature)
+            return logits.new_zeros(()), {"logprobs": logprobs, "entropy": entropy}
+
+        self.ddp.eval()
+        store = self._run(micro, seq, collect, forward_only=True)
+        self.ddp.train()
+        rows = sum(len(m["tokens"]) for m in micro)
+        if lay.is_last_stage:
+            local = torch.stack([torch.cat([s[k] for s in store]) for k in ("logprobs", "entropy")])
+        else:
+            local = torch.empty(2, rows, seq, device=platform.device())
+        if lay.pp > 1:
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+            dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+        gathered = [torch.empty_like(local) for _ in range(lay.dp)]
+        dist.all_gather(gathered, local, group=parallel_state.get_data_parallel_group())
+        both = torch.cat(gathered, dim=1)[:, :real].cpu()
+        width = min(seq, batch.tokens.shape[1])
+        out = torch.zeros(2, real, batch.tokens.shape[1])
+        out[:, :, :width] = both[:, :, :width]
+        valid = batch.attention_mask.clone()
+        valid[:, 0] = False
+        out = out * valid.to(out.dtype)
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """PPO/FAPO update on `batch` (ppo_epochs passes of mini-batches of mini_batch_size x rollout.n rows);
+        returns metrics averaged over the optimizer steps (lr: the last one's)."""
+        if batch.old_logprobs is None:
+            old, _ = self.compute_logprobs(batch, self.cfg.rollout.temperature)
+            batch = dataclasses.replace(batch, old_logprobs=old)
+        algo = self.cfg.algorithm
+        if algo.kl_coef > 0 and batch.ref_logprobs is None and batch.rollout_logprobs is not None:
+            batch = dataclasses.replace(batch, ref_logprobs=batch.rollout_logprobs)
+        rows = algo.mini_batch_size * self.cfg.rollout.n
+        history = []
+        for _ in range(algo.ppo_epochs):
+            for mini in batch.chunks(rows):
+                history.append(self._train_mini_batch(mini))
+                self.step += 1
+        out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        out["lr"] = history[-1]["lr"]
+        out["optimizer_steps"] = float(len(history))
+        return out
+
+    def _train_mini_batch(self, mini: TrainBatch) -> dict[str, float]:
+        lay, algo = self.layout, self.cfg.algorithm
+        if len(mini) % (lay.dp * self.cfg.parallel.micro_batch_size):
+            raise ValueError(
+                f"a mini-batch of {len(mini)} rollouts does not split over dp={lay.dp} x "
+                f"micro_batch_size={self.cfg.parallel.micro_batch_size}"
+            )
+        token_mean = algo.loss_agg_mode == "token-mean"
+        normaliser = mini.num_response_tokens if token_mean else mini.num_response_sequences
+        micro, seq, _ = self._micro_batches(mini, 1)
+        loss_func = partial(self._ppo_loss_func, max(normaliser, 1), token_mean)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self._run(micro, seq, loss_func, forward_only=False)
+        self.scheduler.step(increment=1)
+        _, grad_norm, _ = self.optimizer.step()
+        metrics = self._reduce_metrics(store)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _ppo_loss_func(self, normaliser: int, token_mean: bool, item: dict, logits_BSV: torch.Tensor):
+        algo = self.cfg.algorithm
+        logprobs, entropy = self._token_logprobs(item, logits_BSV, self.cfg.rollout.temperature)
+        loss, metrics = ppo_loss(
+            logprobs,
+            item["old_logprobs"].float(),
+            item["advantages"].float(),
+            item["response_mask"].float(),
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            dual_clip_c=algo.dual_clip_c,
+            loss_agg_mode=algo.loss_agg_mode,
+            num_tokens=normaliser,
+            num_sequences=normaliser,
+            rollout_logprobs=item["rollout_logprobs"],
+            tis_cap=algo.tis_cap,
+            kl_coef=algo.kl_coef,
+            kl_type=algo.kl_type,
+            ref_logprobs=item["ref_logprobs"],
+            entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
+            entropy_coef=algo.entropy_coef,
+        )
+        local = metrics["local_num_tokens" if token_mean else "local_num_sequences"]
+        logged = {k: v.detach().clone().float() for k, v in metrics.items()}
+        return loss * normaliser, local.round().to(torch.int), logged
+
+    def _reduce_metrics(self, store: list[dict]) -> dict[str, float]:
+        """Combine per-micro-batch metrics over micro-batches and DP ranks; identical on every rank."""
+        lay = self.layout
+        names = sorted(store[0]) if store else []
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        if lay.pp > 1:
+            names = _broadcast_names(names, src, pp_group)
+        count = len(names)
+        sums = torch.zeros(count, device=platform.device())
+        maxima = torch.zeros(count, device=platform.device())
+        for item in store:
+            tokens = item["local_num_tokens"]
+            for i, name in enumerate(names):
+                value = item[name]
+                sums[i] += value if name in _SUM_METRICS else value * tokens
+                maxima[i] = torch.maximum(maxima[i], value)
+        dp_group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=dp_group)
+        if lay.pp > 1:
+            dist.broadcast(sums, src=src, group=pp_group)
+            dist.broadcast(maxima, src=src, group=pp_group)
+        tokens = max(float(sums[names.index("local_num_tokens")]), 1.0)
+        out = {}
+        for i, name in enumerate(names):
+            if name in _MAX_METRICS:
+                out[name] = float(maxima[i])
+            elif name in _SUM_METRICS:
+                out[name] = float(sums[i])
+            else:
+                out[name] = float(sums[i]) / tokens
+        out["loss"] = out.get("pg_loss", 0.0) + self.cfg.algorithm.kl_coef * out.get("kl_loss", 0.0)
+        out["loss"] -= self.cfg.algorithm.entropy_coef * out.get("entropy_loss", 0.0)
+        return out
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def offload(self) -> None:
+        """Move parameters and optimizer state to CPU memory and drop gradients (device memory freed)."""
+        self._offloader.offload()
+
+    def onload(self) -> None:
+        """Bring back what `offload` moved; the next step sees exactly the state it left."""
+        self._offloader.onload()
+
+    def save(self, directory: str | Path, extra_state: dict | None = None) -> Path:
+        from fapo_megatron.megatron.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, extra_state or {})
+
+    def load(self, directory: str | Path) -> dict:
+        from fapo_megatron.megatron.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory)
+
+    def close(self) -> None:
+        """Tear down megatron's process groups (the torch.distributed world stays)."""
+        mcore.destroy_model_parallel()
+
+
+def _full_shape(mapping: hf_mapping.TensorMapping, spec: hf_mapping.MappingSpec) -> tuple[int, ...]:
+    hidden = spec.hidden_size
+    name = mapping.megatron_name
+    if mapping.kind == "vocab":
+        return (spec.padded_vocab_size, hidden)
+    if mapping.kind == "qkv":
+        rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
+        return (rows, hidden) if name.endswith("weight") else (rows,)
+    if mapping.kind == "gate_up":
+        return (2 * spec.ffn_hidden_size, hidden)
+    if name.endswith("linear_proj.weight"):
+        return (hidden, spec.num_attention_heads * spec.head_dim)
+    if name.endswith("linear_fc2.weight"):
+        return (hidden, spec.ffn_hidden_size)
+    if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
+        return (spec.head_dim,)
+    return (hidden,)
+
+
+def _broadcast_names(names: list[str], src: int, group) -> list[str]:
+    box = [names]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def _pad_rows(batch: TrainBatch, extra: int) -> TrainBatch:
+    """Append `extra` copies of the last row with nothing counted (fills the DP x micro-batch grid)."""
+    index = torch.cat([torch.arange(len(batch)), torch.full((extra,), len(batch) - 1)])
+    padded = batch.select(index)
+    padded.response_mask[len(batch) :] = 0
+    return padded
+
+
+def _pad_columns(batch: TrainBatch, multiple: int) -> TrainBatch:
+    extra = -batch.tokens.shape[1] % multiple
+    if extra == 0:
+        return batch
+    return batch._map(lambda t: torch.nn.functional.pad(t, (0, extra)) if t.dim() == 2 else t)

@@ -1,0 +1,132 @@
+"""Construction of the megatron-core objects: process groups, the GPT model of this pipeline stage, its DDP
+wrapper, the optimizer and the LR schedule.
+
+All megatron-core constructor calls live here, so a version change (0.16 on CPU machines, 0.19 on GPU clusters,
+GPTModel's deprecation in favour of HybridModel) is handled in this one file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from fapo_megatron.config import OptimConfig
+from fapo_megatron.megatron import platform
+from fapo_megatron.models import registry
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """This rank's place in the TP x PP x DP grid (megatron order tp-cp-ep-dp-pp)."""
+
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def init_model_parallel(tp: int, pp: int, seed: int) -> ParallelLayout:
+    """Create megatron's process groups (once per process) and seed its RNG tracker."""
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (
+        tp,
+        pp,
+    ):
+        raise RuntimeError("megatron process groups already exist with another tp/pp; one layout per process")
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_layout()
+
+
+def current_layout() -> ParallelLayout:
+    return ParallelLayout(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    parallel_state.destroy_model_parallel()
+
+
+def build_gpt_model(spec: registry.ModelSpec, config, layout: ParallelLayout, backend: str = "auto") -> GPTModel:
+    """The GPTModel of this rank's pipeline stage on `platform.device()`."""
+    with warnings.catch_warnings():
+        # megatron-core >= 0.19 deprecates GPTModel in favour of HybridModel; GPTModel is what we test against.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=registry.layer_spec(spec, backend),
+            pre_process=layout.is_first_stage,
+            post_process=layout.is_last_stage,
+            **registry.gpt_model_kwargs(spec, tp=layout.tp),
+        )
+    return model.to(platform.device())
+
+
+def wrap_ddp(model: GPTModel, config, use_distributed_optimizer: bool) -> DistributedDataParallel:
+    """DDP with summed (not averaged) gradients: the loss already carries the global normaliser."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtype: str, distributed: bool):
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        params_dtype={"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype],
+        use_distributed_optimizer=distributed,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warm-up from 0 over `optim.warmup_steps`, then `optim.lr_decay_style` down to min_lr at
+    `total_steps` optimizer steps."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
