@@ -21,9 +21,8 @@ _UNIT_WORDS = (
 # One-letter units are removed only inside \text{}: a bare trailing `m` or `g` may be a variable.
 _TEXT_ONLY_UNITS = ("m", "g", "s", "h", "l")
 _UNIT_ALTERNATION = "|".join(re.escape(word) for word in sorted(_UNIT_WORDS, key=len, reverse=True))
-_TEXT_UNIT_RE = re.compile(
-    r"\\(?:text|mbox|mathrm)\{\s*(?:" + _UNIT_ALTERNATION + "|" + "|".join(_TEXT_ONLY_UNITS) + r")(?:\^?\{?[23]\}?)?\s*\}"
-)
+_TEXT_UNIT_ALTERNATION = _UNIT_ALTERNATION + "|" + "|".join(_TEXT_ONLY_UNITS)
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:" + _TEXT_UNIT_ALTERNATION + r")(?:\^?\{?[23]\}?)?\s*\}")
 _TRAILING_UNIT_RE = re.compile(r"(?<=[\d}])\s*(?:" + _UNIT_ALTERNATION + r")(?:\^?\{?[23]\}?)?\s*$")
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|boxed|fbox|displaystyle)\s*\{([^{}]*)\}")
 _SPACING_RE = re.compile(r"\\[,;:!> ]|\\q?quad|~")
@@ -76,8 +75,7 @@ def _canonical_number(text: str) -> str | None:
         return None
     if value == 0:
         return "0"
-    plain = format(value.normalize(), "f")
-    return plain
+    return format(value.normalize(), "f")
 
 
 def as_number(normalized: str) -> Decimal | None:
