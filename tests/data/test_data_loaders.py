@@ -117,3 +117,15 @@ def test_bad_file_or_format(tmp_path):
         load_prompts(_write(tmp_path, [GOOD_GSM8K]), "csv")
     with pytest.raises(DataError, match="no usable rows"):
         load_prompts(_write(tmp_path, ["", "  "], name="empty.jsonl"), "gsm8k")
+
+
+def test_load_train_val_from_config(tmp_path):
+    from fapo_megatron.config import DataConfig
+    from fapo_megatron.data import load_train_val
+
+    train, val = load_train_val(DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3))
+    assert (len(train), len(val)) == (40, 8)
+    assert {item.meta["split"] for item in train} == {"train"} and {item.meta["split"] for item in val} == {"val"}
+    path = _write(tmp_path, [GOOD_GSM8K, GOOD_GSM8K])
+    train, val = load_train_val(DataConfig(format="gsm8k", train_path=str(path)))
+    assert [item.ground_truth for item in train] == ["5", "5"] and val == []
