@@ -183,6 +183,11 @@ class AnswerChecker:
         except (EOFError, OSError):
             started = False
         if not started:
-            raise RuntimeError(f"answer-check worker pid {worker.process.pid} did not start")
+            worker.process.join(timeout=1.0)
+            raise RuntimeError(
+                f"answer-check worker pid {worker.process.pid} did not start (exit code {worker.process.exitcode}); "
+                "workers use the 'spawn' start method, so the main script must be an importable file whose entry "
+                "point is guarded by `if __name__ == '__main__'`"
+            )
         worker.ready = True
         return worker
