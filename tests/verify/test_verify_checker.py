@@ -28,7 +28,7 @@ def test_timeout_counts_as_wrong_and_pool_keeps_working():
         )
         assert verdicts == [False, True, True, False]
         assert checker.num_timeouts == 1
-        assert time.monotonic() - start < 10.0  # 1 s limit + one replacement start-up
+        assert time.monotonic() - start < 30.0  # 1 s limit + a replacement start-up (the slow case takes minutes)
         assert checker.check([r"\boxed{\pi/2}"], [r"\frac{\pi}{2}"]) == [True]
         assert checker.num_timeouts == 1
 
@@ -90,5 +90,5 @@ def test_case_whose_worker_dies_twice_is_wrong_and_counted():
         assert len(killed) == 2
         assert checker.num_crashes == 1
         assert checker.num_timeouts == 0
-        assert time.monotonic() - start < 20
+        assert time.monotonic() - start < 45  # two replacement start-ups on a loaded machine
         assert checker.check([r"\boxed{\sqrt{9}}"], ["3"]) == [True]
