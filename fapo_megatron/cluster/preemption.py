@@ -2,10 +2,10 @@
 
 The sbatch script asks Slurm for SIGUSR1 some minutes before the time limit (`--signal=B:USR1@secs`) and
 forwards it to the trainer. The trainer calls `install_preemption_handler()` once, checks `flag.requested`
-after every step, and when it is set saves a checkpoint and exits with `EXIT_PREEMPTED`. The launcher
-(tools/slurm/fapo.sbatch) then calls `requeue_if_needed()`, and the requeued job resumes from the checkpoint
-with `trainer.resume=auto`. SIGTERM (what Slurm sends at the limit or on `scancel`) sets the same flag, so a
-step that finishes inside Slurm's KillWait still gets its checkpoint.
+after every step, and when it is set saves a checkpoint, calls `requeue_if_needed()` and exits with
+`EXIT_PREEMPTED`. Under tools/slurm/fapo.sbatch.in the script itself requeues (FAPO_REQUEUE=launcher), once
+Ray is down; the requeued job resumes from the checkpoint with `trainer.resume=auto`. SIGTERM (what Slurm
+sends at the limit or on `scancel`) sets the same flag, so a step that finishes inside KillWait still saves.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ EXIT_PREEMPTED = 75
 """Exit code of a trainer that stopped early on a pre-emption request (EX_TEMPFAIL: "try again later")."""
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+REQUEUE_MODES = ("self", "launcher", "off")
 
 
 @dataclass
@@ -53,31 +54,21 @@ def install_preemption_handler(signals: tuple[signal.Signals, ...] = PREEMPTION_
 
 
 def requeue_if_needed(env: dict[str, str] | None = None, scontrol: str = "scontrol") -> bool:
-    """Requeue this Slurm job (`scontrol requeue $SLURM_JOB_ID`); False when not under Slurm or not wanted.
+    """Requeue this Slurm job (`scontrol requeue $SLURM_JOB_ID`) after a pre-emption checkpoint.
 
-    FAPO_SLURM_REQUEUE=0 (set by the sbatch script when the job was submitted without requeue) turns it off.
+    Returns False, doing nothing, when not under Slurm or when FAPO_REQUEUE says someone else decides:
+    `launcher` (tools/slurm/fapo.sbatch requeues after tearing Ray down, outside any container) or `off`
+    (submitted without requeue). Unset or `self`: this process requeues. So a trainer can always call it.
     A failed `scontrol` raises, naming the job and Slurm's message: a silent failure would end the run.
     """
     env = os.environ if env is None else env
-    job_id = env.get("SLURM_JOB_ID", "")  # an array element has its own SLURM_JOB_ID, so this covers arrays too
-    if not job_id or env.get("FAPO_SLURM_REQUEUE", "1") == "0":
+    job_id = env.get("SLURM_JOB_ID", "")  # an array element has its own SLURM_JOB_ID, so arrays are covered
+    mode = env.get("FAPO_REQUEUE", "self")
+    if mode not in REQUEUE_MODES:
+        raise ValueError(f"FAPO_REQUEUE={mode!r}: expected one of {REQUEUE_MODES}")
+    if not job_id or mode != "self":
         return False
     proc = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fapo_megatron.cluster.preemption requeue`: the sbatch script's requeue step."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv != ["requeue"]:
-        print("usage: python -m fapo_megatron.cluster.preemption requeue", file=sys.stderr)
-        return 2
-    requeued = requeue_if_needed()
-    print("fapo-megatron: job requeued" if requeued else "fapo-megatron: not requeued (no Slurm job or disabled)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,7 @@ Actor training, first pipeline stage (the one with the most activations in fligh
     1F1B keeps p micro-batches of L/p layers in flight on stage 0, i.e. L layers' worth;
     full recompute keeps only each layer's input (h, /t with sequence parallel) plus one layer's working set
   logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
+Weight sync: the actor's bf16 parameters and the engine's weights are both resident, plus two buckets.
 Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
   2 x layers x kv_heads/tp x head_dim x 2 bytes per token (KV heads are replicated when tp > kv_heads).
 """
@@ -258,6 +259,11 @@ def estimate_for_config(cfg: Config) -> SizingReport:
     """Resolve the shapes `cfg` names (config.json first, then sizing.*_shape) and estimate."""
     policy = resolve_shape(cfg.model.path, cfg.sizing.model_shape, "sizing.model_shape")
     genrm = None
-    if cfg.algorithm.name == "fapo" and cfg.genrm.backend in ("sglang", "embedded"):
+    if uses_genrm_model(cfg):
         genrm = resolve_shape(cfg.genrm.model_path, cfg.sizing.genrm_shape, "sizing.genrm_shape")
     return estimate(cfg, policy, genrm)
+
+
+def uses_genrm_model(cfg: Config) -> bool:
+    """True when the run serves a GenRM model on its own GPUs (not the program checker or an external URL)."""
+    return cfg.algorithm.name == "fapo" and cfg.genrm.backend in ("sglang", "embedded")
