@@ -7,6 +7,7 @@ tell the client whether to retry and how to report the failure. Transports do no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,7 +64,8 @@ class EngineTransport:
     """An engine of the project's protocol (embedded HF or SGLang) used as the judge model.
 
     An in-process engine cannot be interrupted: `timeout_s` is not enforced per call here, but the client's
-    deadline still bounds how long `judge` waits.
+    deadline still bounds how long `judge` waits. Calls are serialised by a lock, so a call left running past one
+    batch's deadline finishes before the next batch uses the engine.
     """
 
     parallel_calls = False
@@ -72,16 +74,23 @@ class EngineTransport:
         self.engine = engine
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
         self.render = render
+        self._lock = threading.Lock()
 
     def complete(self, batch: Sequence[Messages], timeout_s: float) -> list[Answer]:
+        prompts = [self.render(messages) for messages in batch]
+        if not self._lock.acquire(timeout=timeout_s):
+            raise TransportTimeout(f"engine still busy with an earlier batch after {timeout_s:.1f}s")
         try:
-            generations = self.engine.generate([self.render(messages) for messages in batch], self.params)
+            generations = self.engine.generate(prompts, self.params)
         except EngineError as err:
             raise TransportError(f"engine failed: {err}") from err
+        finally:
+            self._lock.release()
         by_index = {generation.prompt_index: generation for generation in generations}
         if len(generations) != len(batch) or sorted(by_index) != list(range(len(batch))):
             raise TransportRejected(
-                f"engine returned generations for prompts {sorted(by_index)}, expected one each for 0..{len(batch) - 1}"
+                f"engine answered prompts {sorted(by_index)} with {len(generations)} generations, "
+                f"expected one each for 0..{len(batch) - 1}"
             )
         return [Answer(by_index[i].text, len(by_index[i].token_ids)) for i in range(len(batch))]
 

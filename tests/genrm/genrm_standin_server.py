@@ -75,7 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
         if directive == "garbage":
             text = "I think paragraph two looks off, but I cannot decide."
         else:
-            text = f"Let me check each paragraph.\n\nThe earliest error index is \\boxed{{{-1 if directive == 'flaky' else directive}}}."
+            index = -1 if directive == "flaky" else directive
+            text = f"Let me check each paragraph.\n\nThe earliest error index is \\boxed{{{index}}}."
         self._send(200, self._reply(text, body))
 
     def _reply(self, text: str, body: dict) -> dict:

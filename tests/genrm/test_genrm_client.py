@@ -194,3 +194,30 @@ def test_counts_merge_and_metrics():
     counts.merge(JudgeCounts(asked=2, timed_out=2))
     metrics = counts.as_metrics()
     assert metrics["genrm/asked"] == 6 and metrics["genrm/missing"] == 2 and metrics["genrm/flawed_share"] == 0.25
+
+
+class SlowEngine(ScriptedEngine):
+    """Takes `delay_s` per generate call and records how many calls ever overlapped."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s, self.active, self.max_active = delay_s, 0, 0
+
+    def generate(self, prompts, params):
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        time.sleep(self.delay_s)
+        self.active -= 1
+        return super().generate(prompts, params)
+
+
+def test_engine_past_the_deadline_times_out_and_is_never_called_concurrently():
+    engine = SlowEngine(delay_s=0.8)
+    transport = EngineTransport(engine, max_new_tokens=8, temperature=0.0)
+    start = time.monotonic()
+    late = GenRMClient(transport, concurrency=8, deadline_s=0.3).judge([request("1")] * 3)
+    assert time.monotonic() - start < 0.6
+    assert [v.status for v in late] == [VerdictStatus.TIMEOUT] * 3
+    verdicts = GenRMClient(transport, concurrency=8, deadline_s=5.0).judge([request("2")] * 2)
+    assert [v.first_error_step for v in verdicts] == [2, 2]
+    assert engine.max_active == 1 and engine.calls == [3, 2]
