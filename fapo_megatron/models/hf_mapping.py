@@ -122,6 +122,23 @@ class MappingSpec:
             te_names=te_names,
         )
 
+    @classmethod
+    def from_model_spec(cls, model_spec: Any, *, padded_vocab_size: int, te_names: bool = False) -> MappingSpec:
+        """From the actor's `models.registry.ModelSpec` (the parsed HF config), with the checkpoint's vocab rows."""
+        return cls(
+            family=Family(name=model_spec.family, qkv_bias=model_spec.qkv_bias, qk_norm=model_spec.qk_layernorm),
+            num_layers=model_spec.num_layers,
+            hidden_size=model_spec.hidden_size,
+            num_attention_heads=model_spec.num_attention_heads,
+            num_query_groups=model_spec.num_query_groups,
+            head_dim=model_spec.head_dim,
+            ffn_hidden_size=model_spec.ffn_hidden_size,
+            vocab_size=model_spec.vocab_size,
+            padded_vocab_size=padded_vocab_size,
+            tie_word_embeddings=model_spec.tie_embeddings,
+            te_names=te_names,
+        )
+
     def check_tp(self, tp: int) -> None:
         """Raise naming the quantity that tensor-parallel size `tp` does not divide."""
         for what, value in (

@@ -1,0 +1,107 @@
+"""The megatron side of conversion: a single-process megatron-core GPTModel and its distributed checkpoint.
+
+A megatron-core distributed checkpoint stores every tensor with its global shape, so one written by a single
+TP=1/PP=1 process loads (resharded) under any TP/PP; only the padded vocabulary rows depend on the TP size the
+checkpoint is meant for, and that is fixed when the model is built.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fapo_megatron.megatron import platform
+from fapo_megatron.models import hf_mapping, registry
+
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def init_single_process() -> None:
+    """torch.distributed and megatron model parallel state for one process (TP=1, PP=1); idempotent."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    platform.setup("cuda" if torch.cuda.is_available() else "cpu")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    if "model-parallel-rng" not in tracker.get_states():
+        # Conversion never draws random numbers (no init, no dropout); megatron only needs the state to exist.
+        tracker.states_["model-parallel-rng"] = torch.get_rng_state()
+
+
+def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int):
+    """An uninitialised TP=1/PP=1 GPTModel (local layer spec) in eval mode on the platform device."""
+    from megatron.core.models.gpt import GPTModel
+
+    init_single_process()
+    config = registry.transformer_config(
+        model_spec, dtype=DTYPES[dtype], initialize_weights=False, use_cpu_initialization=True
+    )
+    kwargs = registry.gpt_model_kwargs(model_spec, tp=1)
+    kwargs["vocab_size"] = padded_vocab_size
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=registry.layer_spec(model_spec, "local"),
+        pre_process=True,
+        post_process=True,
+        **kwargs,
+    )
+    return model.to(platform.device()).eval()
+
+
+def fill_from_hf(
+    model, read_hf: Callable[[str], torch.Tensor], spec: hf_mapping.MappingSpec, on_tensor: Callable | None = None
+) -> None:
+    """Copy HF tensors into the model's parameters one mapping at a time (the HF side is read lazily)."""
+    params = model.state_dict()
+    for mapping in hf_mapping.build_mappings(spec):
+        full = hf_mapping.to_megatron(mapping, tuple(read_hf(n) for n in mapping.hf_names), spec)
+        target = params.get(mapping.megatron_name)
+        if target is None:
+            raise hf_mapping.MappingError(f"megatron model has no parameter {mapping.megatron_name!r}")
+        if target.shape != full.shape:
+            raise hf_mapping.MappingError(
+                f"{mapping.megatron_name}: converted shape {tuple(full.shape)} != model shape {tuple(target.shape)}"
+            )
+        target.copy_(full)
+        if on_tensor:
+            on_tensor(mapping, full)
+
+
+def save_checkpoint(model, folder: str | Path) -> None:
+    """Write the model's weights as a megatron-core distributed checkpoint (torch_dist format)."""
+    from megatron.core import dist_checkpointing
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(folder))
+
+
+def load_checkpoint(model, folder: str | Path) -> None:
+    """Load weights from a megatron-core distributed checkpoint into `model` (any TP/PP it was saved at)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
+    model.load_state_dict(state, strict=False)
+
+
+def checkpoint_layout(folder: str | Path) -> tuple[int, torch.dtype]:
+    """(padded vocab rows, storage dtype) of a distributed checkpoint, read from its metadata only."""
+    from megatron.core import dist_checkpointing
+
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(folder)):
+        raise FileNotFoundError(f"{folder}: not a megatron-core distributed checkpoint (no metadata.json)")
+    metadata = dist_checkpointing.load_tensors_metadata(str(folder))
+    if EMBEDDING_KEY not in metadata:
+        raise KeyError(f"{folder}: checkpoint has no {EMBEDDING_KEY!r}")
+    embedding = metadata[EMBEDDING_KEY]
+    return embedding.global_shape[0], embedding.dtype
