@@ -11,6 +11,7 @@ from fapo_megatron.config import ConfigError
 # module path -> it defines `register(subparsers)`; the parser it adds sets `func(args) -> int`.
 COMMAND_MODULES = [
     "fapo_megatron.commands.config_cmd",
+    "fapo_megatron.commands.convert",
 ]
 
 
