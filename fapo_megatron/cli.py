@@ -12,6 +12,8 @@ from fapo_megatron.config import ConfigError
 COMMAND_MODULES = [
     "fapo_megatron.commands.config_cmd",
     "fapo_megatron.commands.convert",
+    "fapo_megatron.commands.train",
+    "fapo_megatron.commands.slurm",
 ]
 
 

@@ -1,0 +1,23 @@
+"""How a PromptItem becomes the policy's input text: the tokenizer's chat template for chat data, a plain
+`problem + newline` for the synthetic arithmetic task (its tiny character-level policy has no chat template).
+The warm-up, the trainer and validation all render through this one function.
+"""
+
+from __future__ import annotations
+
+from fapo_megatron.data.items import PromptItem
+
+
+def render_prompt(item: PromptItem, tokenizer) -> str:
+    if item.messages is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
+    return item.prompt + "\n"
+
+
+def encode_prompt(item: PromptItem, tokenizer) -> list[int]:
+    """Token ids of the rendered prompt, starting with BOS when the tokenizer has one and the template did not add it."""
+    ids = tokenizer(render_prompt(item, tokenizer), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids

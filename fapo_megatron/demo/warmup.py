@@ -1,0 +1,127 @@
+"""Warm-up of the CPU demo's tiny policy: a short supervised run on arithmetic-chain solutions.
+
+RL needs a policy that sometimes gets the answer right, and FAPO needs one that sometimes gets it right for
+the wrong reasons. So the warm-up data mixes clean solutions with flawed ones that still box the right answer
+(a silently fixed slip, a skipped step, a bare guess) and some wrong ones, in roughly the proportions the paper
+reports for real models (about a third of positives flawed). The result is a normal HF checkpoint
+(safetensors + tokenizer) that the Megatron actor and the embedded engine load like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fapo_megatron.data.arith import FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER, arith_solution, make_arith_items
+from fapo_megatron.data.arith_tokenizer import arith_tokenizer
+from fapo_megatron.data.templates import encode_prompt
+
+
+@dataclass(kw_only=True)
+class WarmupConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_size: int = 384
+    num_items: int = 4000
+    min_steps: int = 2
+    max_steps: int = 3
+    clean_share: float = 0.55
+    flawed_share: float = 0.30
+    """The rest are wrong-answer solutions."""
+    steps: int = 700
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def build_tiny_llama(vocab_size: int, cfg: WarmupConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + solution + eos, prompt length) for the warm-up mixture."""
+    rng = random.Random(cfg.seed)
+    items = make_arith_items(cfg.num_items, seed=cfg.seed + 1, min_steps=cfg.min_steps, max_steps=cfg.max_steps)
+    examples = []
+    for item in items:
+        draw = rng.random()
+        if draw < cfg.clean_share:
+            flaw = None
+        elif draw < cfg.clean_share + cfg.flawed_share:
+            flaw = rng.choice(FLAWS_WITH_CORRECT_ANSWER)
+        else:
+            flaw = WRONG_ANSWER
+        prompt_ids = encode_prompt(item, tokenizer)
+        answer_ids = tokenizer(arith_solution(item, flaw=flaw, rng=rng), add_special_tokens=False)["input_ids"]
+        examples.append(([*prompt_ids, *answer_ids, tokenizer.eos_token_id], len(prompt_ids)))
+    return examples
+
+
+def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: bool = True) -> Path:
+    """Train the tiny policy and save it to `out_dir` (reused as is when it already holds this config's result)."""
+    from tqdm import tqdm
+
+    cfg = cfg or WarmupConfig()
+    out_dir = Path(out_dir)
+    stamp = out_dir / "warmup.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("config") == asdict(cfg):
+        return out_dir
+    torch.manual_seed(cfg.seed)
+    tokenizer = arith_tokenizer()
+    model = build_tiny_llama(len(tokenizer), cfg, tokenizer)
+    examples = _examples(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))
+    )
+    rng = random.Random(cfg.seed)
+    start, losses = time.perf_counter(), []
+    bar = tqdm(range(cfg.steps), desc="warm-up (SFT)", disable=not progress, unit="step")
+    model.train()
+    for _ in bar:
+        batch = rng.sample(examples, cfg.batch_size)
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, (ids, prompt_len) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id),
+                     labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    stamp.write_text(json.dumps({"config": asdict(cfg), "final_loss": losses[-1], "seconds": time.perf_counter() - start}))
+    return out_dir

@@ -1,0 +1,167 @@
+"""From a step's generations to the actor's TrainBatch: answer check, GenRM on correct answers, FAPO rewards,
+group advantages, and the token layout the actor expects.
+
+Legend: N = rollouts of the step (prompt-major: the n samples of prompt i are rows i*n .. i*n+n-1),
+S = padded prompt + response length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fapo_megatron.algo import fapo_rewards, flawed_positive_share, grpo_advantages, learning_progress
+from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.config import AlgorithmConfig, GenRMConfig, RolloutConfig
+from fapo_megatron.data.items import PromptItem
+from fapo_megatron.engines.base import Generation
+from fapo_megatron.genrm.types import Judge, JudgeCounts, JudgeRequest, Verdict, verdict_tensors
+
+
+@dataclass
+class GradedRollouts:
+    """What the reward pipeline decided for each rollout of a step."""
+
+    correct: torch.Tensor
+    """[N] bool: the final answer matches the ground truth."""
+    flawed: torch.Tensor
+    """[N] bool: correct, and the GenRM found a wrong step (False where not asked or unavailable)."""
+    available: torch.Tensor
+    """[N] bool: a verdict exists (True where the GenRM was not needed)."""
+    rewards: torch.Tensor
+    """[N] float: FAPO (or GRPO) reward with overlong shaping; NaN for dropped rollouts."""
+    keep: torch.Tensor
+    """[N] bool: the rollout enters the update (False: dropped by the unavailable-verdict policy)."""
+    advantages: torch.Tensor
+    """[N] float: group-normalised advantages (0 where not kept)."""
+    group_ids: torch.Tensor
+    """[N] long: the prompt each rollout answers."""
+    judge_counts: JudgeCounts = field(default_factory=JudgeCounts)
+    """GenRM outcome counts for this step."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Reward-side metrics of the step."""
+
+
+def judge_correct_rollouts(
+    judge: Judge | None, items: Sequence[PromptItem], generations: Sequence[Generation], correct: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, JudgeCounts]:
+    """Ask the GenRM about the rollouts with a correct answer only; returns (flawed, available, counts)."""
+    num = len(generations)
+    flawed = torch.zeros(num, dtype=torch.bool)
+    available = torch.ones(num, dtype=torch.bool)
+    asked = [i for i in range(num) if bool(correct[i])]
+    if judge is None or not asked:
+        return flawed, available, JudgeCounts()
+    requests = [
+        JudgeRequest(
+            problem=items[generations[i].prompt_index].prompt,
+            solution=generations[i].text,
+            ground_truth=items[generations[i].prompt_index].ground_truth,
+        )
+        for i in asked
+    ]
+    verdicts: list[Verdict] = judge.judge(requests)
+    if len(verdicts) != len(requests):
+        raise RuntimeError(f"the GenRM returned {len(verdicts)} verdicts for {len(requests)} requests")
+    asked_flawed, asked_available = verdict_tensors(verdicts)
+    index = torch.tensor(asked, dtype=torch.long)
+    flawed[index] = asked_flawed
+    available[index] = asked_available
+    return flawed, available, JudgeCounts.from_verdicts(verdicts)
+
+
+def grade_rollouts(
+    items: Sequence[PromptItem],
+    generations: Sequence[Generation],
+    correct: torch.Tensor,
+    judge: Judge | None,
+    *,
+    algorithm: AlgorithmConfig,
+    rollout: RolloutConfig,
+    genrm: GenRMConfig,
+) -> GradedRollouts:
+    """The reward side of one FAPO step (no GenRM when `judge` is None: plain GRPO)."""
+    flawed, available, counts = judge_correct_rollouts(judge, items, generations, correct)
+    group_ids = torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
+    lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
+    overlong = algorithm.overlong
+    result = fapo_rewards(
+        correct,
+        flawed,
+        available,
+        lam=algorithm.lam if judge is not None else 0.0,
+        unavailable_policy=genrm.unavailable_policy,
+        response_lengths=lengths,
+        max_response_tokens=rollout.max_response_tokens,
+        overlong_buffer=overlong.buffer if overlong.enable else 0,
+        overlong_factor=overlong.penalty_factor,
+    )
+    advantages = grpo_advantages(
+        result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep
+    )
+    progress = learning_progress(correct, flawed, group_ids, lam=algorithm.lam)
+    metrics = {
+        "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
+        "reward/outcome_mean": float(result.outcome.float().mean()),
+        "reward/accuracy": float(correct.float().mean()),
+        "reward/flawed_positive_share": _nan_to_zero(flawed_positive_share(correct, flawed, available)),
+        "reward/num_dropped": float(result.num_dropped),
+        "reward/num_unavailable": float(result.num_unavailable),
+        "reward/advantage_abs_mean": float(advantages[result.keep].abs().mean()) if bool(result.keep.any()) else 0.0,
+        "progress/mean_rho": _nan_to_zero(progress["mean_rho"]),
+        "progress/positive_flawed_advantage_share": _nan_to_zero(progress["positive_flawed_advantage_share"]),
+        "response/length_mean": float(lengths.float().mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / max(len(generations), 1),
+    }
+    if judge is not None:
+        metrics.update(counts.as_metrics())
+    return GradedRollouts(
+        correct=correct,
+        flawed=flawed,
+        available=available,
+        rewards=result.rewards,
+        keep=result.keep,
+        advantages=advantages,
+        group_ids=group_ids,
+        judge_counts=counts,
+        metrics=metrics,
+    )
+
+
+def build_train_batch(
+    generations: Sequence[Generation], advantages: torch.Tensor, keep: torch.Tensor, pad_id: int
+) -> TrainBatch:
+    """Kept rollouts as right-padded prompt+response rows; response tokens are masked in, with their engine log-probs."""
+    rows = [i for i in range(len(generations)) if bool(keep[i])]
+    if not rows:
+        raise ValueError("every rollout of the step was dropped; nothing to train on")
+    sequences = [generations[i].prompt_token_ids + generations[i].token_ids for i in rows]
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(len(rows), width)
+    rollout_logprobs = torch.zeros(len(rows), width)
+    for row, (i, seq) in enumerate(zip(rows, sequences)):
+        gen = generations[i]
+        start = len(gen.prompt_token_ids)
+        if start == 0:
+            raise ValueError(f"rollout {i} has no prompt tokens; the engine must report prompt_token_ids")
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        response_mask[row, start : len(seq)] = 1.0
+        rollout_logprobs[row, start : len(seq)] = torch.tensor(gen.logprobs, dtype=torch.float32)
+    index = torch.tensor(rows, dtype=torch.long)
+    return TrainBatch(
+        tokens=tokens,
+        lengths=torch.tensor([len(s) for s in sequences], dtype=torch.long),
+        response_mask=response_mask,
+        advantages=advantages[index].float(),
+        group_ids=torch.tensor([generations[i].prompt_index for i in rows], dtype=torch.long),
+        rollout_logprobs=rollout_logprobs,
+    )
+
+
+def _nan_to_zero(value) -> float:
+    value = float(value)
+    return 0.0 if value != value else value

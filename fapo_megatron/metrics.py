@@ -1,0 +1,90 @@
+"""Step metrics: phase timers, TensorBoard scalars and a JSONL file, one record per training step.
+
+Every scalar the trainer produces goes to both sinks under the same name (`train/accuracy`,
+`time/rollout`, ...), so a plot script and TensorBoard read the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+PHASES = ("rollout", "genrm", "logprobs", "update", "weight_sync", "validation", "checkpoint")
+"""Timed phases of one step, in the order they run."""
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of the current step (`with timer.phase("rollout"): ...`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def reset(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+
+def to_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().item())
+    return float(value)
+
+
+class MetricsLogger:
+    """Writes `{name: value}` per step to TensorBoard (output_dir/tensorboard) and output_dir/metrics.jsonl.
+
+    On resume, records at or after the resumed step are dropped from metrics.jsonl so a step never appears twice.
+    """
+
+    def __init__(self, output_dir: str | Path, *, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard_dir = self.output_dir / "tensorboard"
+        self.jsonl_path = self.output_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=resume_step or None)
+        self._jsonl = self.jsonl_path.open("a")
+
+    def _truncate_after(self, resume_step: int) -> None:
+        if not self.jsonl_path.exists():
+            return
+        kept = [line for line in self.jsonl_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line).get("step", 0) < resume_step]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": step}
+        for name, value in metrics.items():
+            value = to_float(value)
+            record[name] = value if math.isfinite(value) else None
+            if math.isfinite(value):
+                self._writer.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in step order."""
+    lines = Path(path).read_text().splitlines()
+    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["step"])

@@ -1,0 +1,60 @@
+"""A GenRM replica as a worker: an engine serving the flaw detector plus the client that asks it.
+
+Colocated runs place these on the policy's devices (they sleep while the policy generates and trains);
+`genrm.placement=separate` gives them a pool of their own. The trainer splits a step's requests over them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from fapo_megatron.config import Config, from_dict
+from fapo_megatron.genrm.build import build_judge
+from fapo_megatron.genrm.types import JudgeRequest, Verdict
+
+
+def build_genrm_engine(cfg: Config, rank: int):
+    """The engine behind a model GenRM (embedded HF model or an SGLang server of genrm.model_path)."""
+    genrm = cfg.genrm
+    if not genrm.model_path:
+        raise ValueError(f"genrm.backend={genrm.backend} needs genrm.model_path (the GenRM checkpoint folder)")
+    if genrm.backend == "sglang":
+        from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
+
+        server = SGLangServerArgs(
+            model_path=genrm.model_path,
+            tp_size=genrm.tp,
+            mem_fraction_static=genrm.mem_fraction,
+            port=cfg.rollout.sglang_port + 1000 + rank,
+            base_gpu_id=rank % cfg.cluster.devices_per_node,
+            skip_tokenizer_init=False,
+        )
+        return SGLangEngine(server=server, request_timeout_s=genrm.request_timeout_s, retries=genrm.retries)
+    import torch
+
+    from fapo_megatron.engines.embedded import EmbeddedEngine
+
+    device = "cuda" if cfg.cluster.device == "cuda" else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return EmbeddedEngine(genrm.model_path, device=device, dtype=dtype)
+
+
+class GenRMWorker:
+    def __init__(self, cfg_dict: dict):
+        self.cfg = from_dict(Config, cfg_dict)
+        self.engine = build_genrm_engine(self.cfg, int(os.environ.get("RANK", "0")))
+        self.engine.start()
+        self.judge_client = build_judge(self.cfg.genrm, self.engine)
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        return self.judge_client.judge(requests)
+
+    def release_engine(self) -> None:
+        self.engine.release_memory()
+
+    def resume_engine(self) -> None:
+        self.engine.resume_memory()
+
+    def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,164 @@
+"""One rank of the colocated policy: a Megatron actor shard plus a rollout engine replica on the same device.
+
+The trainer drives a group of these (one per device, through cluster.WorkerGroup). Every rank takes part in
+the actor's collectives; the ranks that host an engine (every `rollout.tp`-th rank) also generate, each for its
+share of the prompts, and take the actor's weights after every update. Engines and the actor time-share the
+device: the engine releases its memory while the actor trains, the actor offloads while the engine generates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import torch
+
+from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.config import Config, from_dict
+from fapo_megatron.engines.base import Engine, Generation, SamplingParams
+
+
+def load_tokenizer(cfg: Config):
+    """The policy's tokenizer: model.tokenizer, else model.path, else the arithmetic task's character tokenizer
+    (what the random tiny policy speaks)."""
+    path = cfg.model.tokenizer or cfg.model.path
+    if not path:
+        from fapo_megatron.data.arith_tokenizer import arith_tokenizer
+
+        return arith_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) -> Engine:
+    """The policy's generation engine; it starts with the actor's weights after the first `sync_weights`."""
+    rollout = cfg.rollout
+    if rollout.backend == "sglang":
+        from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
+
+        common = dict(tokenizer=tokenizer, bucket_mb=rollout.weight_sync_bucket_mb,
+                      request_timeout_s=rollout.request_timeout_s)
+        if rollout.sglang_url:
+            return SGLangEngine(url=rollout.sglang_url, tp_size=rollout.tp, **common)
+        if not cfg.model.path:
+            raise ValueError("rollout.backend=sglang needs model.path (an HF checkpoint the server loads)")
+        server = SGLangServerArgs(
+            model_path=cfg.model.path,
+            tp_size=rollout.tp,
+            mem_fraction_static=rollout.mem_fraction,
+            port=rollout.sglang_port + rank,
+            base_gpu_id=rank % cfg.cluster.devices_per_node,
+            random_seed=cfg.trainer.seed + rank,
+            dtype=cfg.model.dtype,
+        )
+        return SGLangEngine(server=server, **common)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fapo_megatron.engines.embedded import EmbeddedEngine
+
+    if cfg.model.path:
+        return EmbeddedEngine(cfg.model.path, tokenizer=tokenizer, device=_device(cfg), dtype=_dtype(cfg))
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config["model_type"], **fields))
+    return EmbeddedEngine(model=model, tokenizer=tokenizer, device=_device(cfg), dtype=_dtype(cfg))
+
+
+def _device(cfg: Config) -> str:
+    return "cuda" if cfg.cluster.device == "cuda" else "cpu"
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    return getattr(torch, cfg.model.dtype)
+
+
+def engine_ranks(world_size: int, rollout_tp: int) -> list[int]:
+    """Ranks hosting a rollout engine: the first rank of every `rollout_tp` consecutive devices."""
+    return list(range(0, world_size, rollout_tp))
+
+
+def prompt_shard(num_prompts: int, shard: int, num_shards: int) -> range:
+    """Contiguous, balanced share `shard` of `num_prompts` prompts."""
+    base, extra = divmod(num_prompts, num_shards)
+    start = shard * base + min(shard, extra)
+    return range(start, start + base + (1 if shard < extra else 0))
+
+
+class PolicyWorker:
+    """Built inside a Ray worker whose environment holds the torch.distributed rendezvous (cluster.dist_env)."""
+
+    def __init__(self, cfg_dict: dict):
+        from fapo_megatron.cluster.dist_env import init_distributed_from_env
+        from fapo_megatron.megatron.actor import MegatronActor
+
+        self.cfg = from_dict(Config, cfg_dict)
+        dist_env = init_distributed_from_env()
+        self.rank, self.world_size = dist_env.rank, dist_env.world_size
+        torch.manual_seed(self.cfg.trainer.seed)
+        self.actor = MegatronActor(self.cfg)
+        self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp)
+        self.engine: Engine | None = None
+        if self.rank in self.engine_ranks:
+            self.engine = build_rollout_engine(self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank)
+            self.engine.start()
+
+    # ------------------------------------------------------------------------------------------ rollout
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        """This rank's engine samples its share of `prompts`; prompt_index refers to the full list."""
+        if self.engine is None:
+            return []
+        shard = prompt_shard(len(prompts), self.engine_ranks.index(self.rank), len(self.engine_ranks))
+        if not len(shard):
+            return []
+        params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
+        generations = self.engine.generate([list(prompts[i]) for i in shard], params)
+        for gen in generations:
+            gen.prompt_index += shard.start
+        return generations
+
+    def release_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.release_memory()
+
+    def resume_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.resume_memory()
+
+    # ------------------------------------------------------------------------------------------ actor
+
+    def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor.compute_logprobs(batch, self.cfg.rollout.temperature)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self.actor.train_step(batch)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Push the actor's weights (HF names, gathered over TP/PP, in buckets) into this rank's engine."""
+        start = time.perf_counter()
+        sizes = []
+
+        def counted(buckets):
+            for bucket in buckets:
+                sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
+                yield bucket
+
+        buckets = counted(self.actor.export_hf_weights(self.cfg.rollout.weight_sync_bucket_mb << 20))
+        if self.engine is None:
+            for _ in buckets:  # every rank takes part in the gathers
+                pass
+        else:
+            self.engine.update_weights(buckets)
+        return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
+
+    def save(self, directory: str, extra_state: dict) -> str:
+        return str(self.actor.save(directory, extra_state))
+
+    def load(self, directory: str) -> dict:
+        return self.actor.load(directory)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.actor.close()

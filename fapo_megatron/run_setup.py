@@ -1,0 +1,91 @@
+"""What a training run needs before its first step: tokenizer and data, the judge, and where to resume from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fapo_megatron.config import Config, to_dict
+from fapo_megatron.data import PromptItem, load_prompts, make_arith_items
+from fapo_megatron.genrm.types import Judge, JudgeRequest, Verdict
+from fapo_megatron.roles.policy import load_tokenizer, prompt_shard
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    train: list[PromptItem]
+    val: list[PromptItem]
+    monitor_judge: Judge | None
+    """A free judge (the arithmetic task's program checker) that reports flaws on validation; None otherwise."""
+
+
+def load_run_data(cfg: Config) -> RunData:
+    data = cfg.data
+    if data.format == "arith":
+        from fapo_megatron.genrm.program_judge import ProgramJudge
+
+        train = make_arith_items(data.arith_num_train, data.seed, data.arith_min_steps, data.arith_max_steps)
+        val = make_arith_items(data.arith_num_val, data.seed, data.arith_min_steps, data.arith_max_steps, "val")
+        monitor = ProgramJudge(max_steps=cfg.genrm.max_steps)
+    else:
+        train = load_prompts(data.train_path, data.format)
+        val = load_prompts(data.val_path, data.format) if data.val_path else []
+        monitor = None
+    if len(train) < data.batch_size:
+        raise ValueError(f"data: {len(train)} training prompts, fewer than data.batch_size={data.batch_size}")
+    return RunData(tokenizer=load_tokenizer(cfg), train=train, val=val, monitor_judge=monitor)
+
+
+class WorkerJudge:
+    """Splits a step's GenRM requests over the GenRM worker group (one engine per worker), in order."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        num = self.group.num_workers
+        shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
+        self.group.call("resume_engine")
+        try:
+            answers = self.group.call_each("judge", [(shard,) for shard in shards])
+        finally:
+            self.group.call("release_engine")
+        return [verdict for shard in answers for verdict in shard]
+
+
+def build_judge_for_run(cfg: Config, session) -> Judge | None:
+    """The flaw detector of this run: in-process (program checker, external URL) or GenRM workers on devices.
+
+    GRPO runs get no judge, except the free program checker, whose verdicts are logged but not rewarded.
+    """
+    from fapo_megatron.genrm.build import build_judge
+
+    backend = cfg.genrm.backend
+    if backend in ("program", "external"):
+        if cfg.algorithm.name == "grpo" and backend != "program":
+            return None
+        return build_judge(cfg.genrm)
+    if cfg.algorithm.name == "grpo":
+        return None
+    from fapo_megatron.roles.genrm import GenRMWorker
+
+    num = session.layout.num_workers("genrm") // cfg.genrm.tp
+    group = session.worker_group(
+        "genrm", GenRMWorker, init_args=(to_dict(cfg),), num_workers=num
+    )
+    group.call("release_engine")
+    return WorkerJudge(group)
+
+
+def resume_path(resume: str, checkpoint_dir: Path) -> Path | None:
+    """auto: the latest checkpoint under checkpoint_dir if any; none: start fresh; else that checkpoint path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoint_dir if (checkpoint_dir / "latest").is_file() else None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint")
+    return path

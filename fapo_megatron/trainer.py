@@ -1,0 +1,246 @@
+"""The FAPO training loop (Algorithm 1 of the paper, synchronous and colocated).
+
+Per step: a batch of prompts -> n rollouts each -> answer check -> GenRM on the correct answers only -> FAPO
+rewards (+ overlong shaping) -> group advantages -> the actor recomputes log-probs -> PPO/FAPO update over
+mini-batches -> new weights pushed into the rollout engines. Every `val_interval` steps: avg@k validation
+(no GenRM); every `checkpoint_interval` steps: a checkpoint (actor + data position + step).
+`algorithm.name=grpo` runs the same loop with the flaw penalty off (the baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from fapo_megatron.config import Config, dump_yaml, to_dict
+from fapo_megatron.data import PromptSampler
+from fapo_megatron.data.templates import encode_prompt
+from fapo_megatron.engines.base import SamplingParams
+from fapo_megatron.experience import build_train_batch, grade_rollouts
+from fapo_megatron.metrics import MetricsLogger, PhaseTimer
+from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
+from fapo_megatron.verify import AnswerChecker
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.trainer.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.data: RunData = load_run_data(cfg)
+        self.sampler = PromptSampler(self.data.train, cfg.data.batch_size, cfg.data.seed)
+        self.checker = AnswerChecker(num_workers=2)
+        self.timer = PhaseTimer()
+        self.step = 0
+        self.summary: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> list[dict[str, float]]:
+        from fapo_megatron.cluster.pools import ray_session
+        from fapo_megatron.cluster.preemption import EXIT_PREEMPTED, install_preemption_handler
+
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+        with ray_session(cfg) as session:
+            from fapo_megatron.roles.policy import PolicyWorker
+
+            self.policy = session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),))
+            self.judge = build_judge_for_run(cfg, session)
+            self._resume()
+            with self.timer.phase("weight_sync"):
+                self.policy.call("sync_weights")  # engines start from the actor's (possibly resumed) weights
+            preemption = install_preemption_handler()
+            self.logger = MetricsLogger(self.output_dir, resume_step=self.step)
+            bar = _progress(cfg, self.step)
+            try:
+                while self.step < cfg.trainer.steps:
+                    metrics = self.train_step(bar)
+                    self.step += 1
+                    if self._due(cfg.trainer.val_interval) or self.step == cfg.trainer.steps:
+                        with self.timer.phase("validation"):
+                            metrics.update(self.validate())
+                    if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
+                        with self.timer.phase("checkpoint"):
+                            self.save_checkpoint()
+                    metrics.update({f"time/{k}": v for k, v in self.timer.reset().items()})
+                    self.logger.log(self.step, metrics)
+                    self.summary.append(metrics)
+                    bar.update(1)
+                    if preemption.requested:
+                        raise SystemExit(EXIT_PREEMPTED)
+                if not (self.checkpoint_dir / "latest").exists() or self._latest_step() != self.step:
+                    self.save_checkpoint()
+            finally:
+                bar.close()
+                self.logger.close()
+                self.checker.close()
+        return self.summary
+
+    def train_step(self, bar) -> dict[str, float]:
+        cfg, timer = self.cfg, self.timer
+        start = time.perf_counter()
+        items = self.sampler.next_batch()
+        prompts = [encode_prompt(item, self.data.tokenizer) for item in items]
+        too_long = [i for i, p in enumerate(prompts) if len(p) > cfg.rollout.max_prompt_tokens]
+        if too_long:
+            items = [it for i, it in enumerate(items) if i not in too_long]
+            prompts = [p for i, p in enumerate(prompts) if i not in too_long]
+
+        bar.set_postfix_str(f"step {self.step + 1}: rollout")
+        with timer.phase("rollout"):
+            generations = self.generate(prompts, self.sampling(validation=False))
+            self.policy.call("release_engine")
+        correct = self.checker.check(
+            [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
+        )
+        bar.set_postfix_str(f"step {self.step + 1}: genrm")
+        with timer.phase("genrm"):
+            graded = grade_rollouts(
+                items, generations, torch.tensor(correct, dtype=torch.bool), self.judge,
+                algorithm=self._reward_algorithm(), rollout=cfg.rollout, genrm=cfg.genrm,
+            )  # fmt: skip
+        batch = build_train_batch(generations, graded.advantages, graded.keep, self.data.tokenizer.pad_token_id)
+
+        bar.set_postfix_str(f"step {self.step + 1}: log-probs")
+        with timer.phase("logprobs"):
+            old_logprobs, entropy = self.policy.call("compute_logprobs", batch)[0]
+        batch = dataclasses.replace(batch, old_logprobs=old_logprobs)
+        bar.set_postfix_str(f"step {self.step + 1}: update")
+        with timer.phase("update"):
+            update = self.policy.call("train_step", batch)[0]
+        bar.set_postfix_str(f"step {self.step + 1}: weight sync")
+        with timer.phase("weight_sync"):
+            self.policy.call("resume_engine")
+            sync = self.policy.call("sync_weights")
+
+        mask = batch.response_mask.bool()
+        response_tokens = int(mask.sum())
+        metrics = dict(graded.metrics)
+        metrics.update({f"actor/{k}": v for k, v in update.items()})
+        metrics["actor/entropy"] = float(entropy[mask].mean()) if response_tokens else 0.0
+        metrics["actor/rollout_logprob_abs_diff"] = (
+            float((old_logprobs - batch.rollout_logprobs)[mask].abs().mean()) if response_tokens else 0.0
+        )
+        metrics["data/prompts_too_long"] = float(len(too_long))
+        metrics["data/epoch"] = float(self.sampler.state_dict().get("epoch", 0))
+        metrics["weight_sync/bytes"] = max(s["bytes"] for s in sync)
+        elapsed = time.perf_counter() - start
+        metrics["perf/step_seconds"] = elapsed
+        metrics["perf/tokens_per_second"] = response_tokens / elapsed if elapsed > 0 else 0.0
+        bar.set_postfix_str(
+            f"step {self.step + 1}: acc {metrics['reward/accuracy']:.2f} "
+            f"flawed {metrics['reward/flawed_positive_share']:.2f}"
+        )
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ parts
+
+    def sampling(self, *, validation: bool) -> SamplingParams:
+        cfg = self.cfg
+        if validation:
+            return SamplingParams(
+                max_new_tokens=cfg.rollout.max_response_tokens, temperature=cfg.trainer.val_temperature,
+                top_p=cfg.trainer.val_top_p, n=cfg.trainer.val_n, seed=cfg.trainer.seed + 7919 * self.step,
+            )  # fmt: skip
+        return SamplingParams(
+            max_new_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, n=cfg.rollout.n, seed=cfg.trainer.seed + self.step,
+        )  # fmt: skip
+
+    def generate(self, prompts, params: SamplingParams):
+        shards = self.policy.call("generate", prompts, params)
+        generations = [g for shard in shards for g in shard]
+        generations.sort(key=lambda g: g.prompt_index)  # prompt-major: groups stay contiguous
+        return generations
+
+    def _reward_algorithm(self):
+        """GRPO is FAPO with the flaw penalty off; verdicts (when a judge runs) are still logged."""
+        if self.cfg.algorithm.name == "grpo":
+            return dataclasses.replace(self.cfg.algorithm, lam=0.0)
+        return self.cfg.algorithm
+
+    def validate(self) -> dict[str, float]:
+        """avg@k accuracy on the validation prompts (no GenRM in the reward; the program checker, when the task
+        has one, still reports the flawed-positive share)."""
+        if not self.data.val:
+            return {}
+        prompts = [encode_prompt(item, self.data.tokenizer) for item in self.data.val]
+        generations = self.generate(prompts, self.sampling(validation=True))
+        golds = [self.data.val[g.prompt_index].ground_truth for g in generations]
+        correct = torch.tensor(self.checker.check([g.text for g in generations], golds), dtype=torch.bool)
+        metrics = {"val/accuracy": float(correct.float().mean())}
+        if self.data.monitor_judge is not None:
+            from fapo_megatron.experience import judge_correct_rollouts
+
+            flawed, available, _ = judge_correct_rollouts(self.data.monitor_judge, self.data.val, generations, correct)
+            judged = correct & available
+            metrics["val/flawed_positive_share"] = (
+                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else 0.0
+            )
+            metrics["val/clean_accuracy"] = float((correct & ~flawed).float().mean())
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    def save_checkpoint(self) -> None:
+        extra = {"step": self.step, "sampler": self.sampler.state_dict()}
+        self.policy.call("save", str(self.checkpoint_dir), extra)
+        _prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
+
+    def _latest_step(self) -> int:
+        name = (self.checkpoint_dir / "latest").read_text().strip()
+        return int(name.rsplit("_", 1)[-1])
+
+    def _resume(self) -> None:
+        path = resume_path(self.cfg.trainer.resume, self.checkpoint_dir)
+        if path is None:
+            return
+        extra = self.policy.call("load", str(path))[0]
+        self.step = int(extra["step"])
+        self.sampler.load_state_dict(extra["sampler"])
+        print(f"fapo-megatron: resumed from {path} at step {self.step}", flush=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    import shutil
+
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(cfg: Config, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.trainer.steps, initial=initial, desc="FAPO" if cfg.algorithm.name == "fapo" else "GRPO",
+                unit="step", disable=not cfg.trainer.progress, dynamic_ncols=True)
+
+
+def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> None:
+    """A short table: first and last step of the headline metrics, and where step time went."""
+    if not summary:
+        return
+    first, last = summary[0], summary[-1]
+    rows = [("reward/accuracy", "accuracy"), ("reward/flawed_positive_share", "flawed-positive share"),
+            ("reward/mean", "reward"), ("response/length_mean", "response length"), ("val/accuracy", "val accuracy")]
+    print(f"\n{'metric':<24}{'first step':>12}{'last step':>12}")
+    for key, label in rows:
+        if key in last:
+            print(f"{label:<24}{first.get(key, math.nan):>12.3f}{last[key]:>12.3f}")
+    totals = {}
+    for record in summary:
+        for key, value in record.items():
+            if key.startswith("time/"):
+                totals[key[5:]] = totals.get(key[5:], 0.0) + value
+    whole = sum(totals.values()) or 1.0
+    print("time: " + ", ".join(f"{k} {v / whole:.0%}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])))
+    print(f"TensorBoard: tensorboard --logdir {Path(output_dir) / 'tensorboard'}")
