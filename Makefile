@@ -1,6 +1,7 @@
 # Two commands are the whole setup on a fresh machine (Python 3.11, no GPU):
 #   make test   create/refresh .venv, install, run the test suite
 #   make demo   create/refresh .venv, install, run a small real FAPO training run on CPU
+#   make demo-compare   the same with a GRPO run beside it, plotted together
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +26,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m fapo_megatron demo
+
+demo-compare: $(STAMP)
+	$(BIN)/python -m fapo_megatron demo --compare
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

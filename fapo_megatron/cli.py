@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "fapo_megatron.commands.config_cmd",
     "fapo_megatron.commands.convert",
     "fapo_megatron.commands.train",
+    "fapo_megatron.commands.demo",
     "fapo_megatron.commands.slurm",
 ]
 
