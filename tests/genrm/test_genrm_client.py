@@ -126,7 +126,7 @@ def test_server_killed_mid_batch_returns_by_deadline_with_everything_counted():
     assert elapsed < 4.5
     counts = judge.last_counts
     ok = [v for v in verdicts if v.status == VerdictStatus.OK]
-    assert 2 <= len(ok) < 24
+    assert 1 <= len(ok) < 24
     assert all(v.first_error_step == i % 3 for i, v in enumerate(verdicts) if v.status == VerdictStatus.OK)
     assert counts.asked == 24 and counts.flawed + counts.clean == len(ok)
     assert counts.unavailable + counts.timed_out + counts.errors == 24 - len(ok) and counts.clean == 0
