@@ -28,13 +28,16 @@ import torch
 from fapo_megatron.engines.base import WeightBucket
 
 MB = 1 << 20
+ALIGN_BYTES = 16
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[WeightBucket]:
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[WeightBucket]:
     """Group (name, tensor) pairs, in order, into buckets of at most `bucket_bytes`; a larger tensor goes alone."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
@@ -52,14 +55,23 @@ def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], buck
 
 
 def flatten_bucket(bucket: WeightBucket) -> tuple[torch.Tensor, list[types.SimpleNamespace]]:
-    """Concatenate the bucket's bytes (mixed dtypes allowed) and describe where each tensor lies."""
+    """Concatenate the bucket's bytes (mixed dtypes allowed) and describe where each tensor lies.
+
+    Each tensor starts on a 16-byte boundary (zero padding between), so the receiver can view the bytes
+    as any dtype; SGLang reads only [start_idx, end_idx) of each, so the padding is invisible to it.
+    """
     if not bucket:
         raise ValueError("cannot flatten an empty weight bucket")
     devices = {tensor.device for _, tensor in bucket}
     if len(devices) != 1:
         raise ValueError(f"a weight bucket must sit on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
     parts, metadata, offset = [], [], 0
     for name, tensor in bucket:
+        pad = -offset % ALIGN_BYTES
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=device))
+            offset += pad
         flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
         parts.append(flat)
         metadata.append(
@@ -95,7 +107,7 @@ def serialize_flattened_bucket(flat: torch.Tensor, metadata) -> str:
 
 
 def _patch_cuda_ipc_device_ids() -> None:
-    """Use SGLang's reduction patch (device index -> GPU UUID) when present, so differing CUDA_VISIBLE_DEVICES agree."""
+    """Apply SGLang's reduction patch (device index -> GPU UUID) when present: CUDA_VISIBLE_DEVICES may differ."""
     try:
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     except ImportError:

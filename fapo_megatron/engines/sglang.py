@@ -1,0 +1,407 @@
+"""SGLang backend for GPU clusters: launch and own an SGLang server process (or attach to a URL) behind the
+engine protocol.
+
+Talks to SGLang 0.5.x's native HTTP API (`/generate` with `return_logprob`, `/update_weights_from_tensor`,
+`/update_weights_from_distributed`, `/release_memory_occupation`, `/resume_memory_occupation`,
+`/pause_generation`, `/continue_generation`, `/flush_cache`, `/health_generate`), the way slime's
+SGLangEngine does. SGLang itself is imported only to check its version before launching; an attached
+server needs nothing installed here.
+
+Log-probs: SGLang returns log(softmax(logits / T)) of each sampled token before top-p/top-k truncation
+(raw log_softmax when greedy) unless the server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1; we launch with
+it off, and an attached server must not set it, or its log-probs will not match the trainer's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fapo_megatron.engines.base import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engines.sglang_client import SGLangClient, ServerUnreachable
+from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
+from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
+
+SUPPORTED_SGLANG = ">=0.5.3,<0.6"
+
+
+def require_sglang() -> str:
+    """The installed SGLang version, or a clear error when it is missing or outside SUPPORTED_SGLANG."""
+    try:
+        import sglang
+    except ImportError as error:
+        raise EngineError(
+            f"the SGLang backend needs sglang{SUPPORTED_SGLANG} (pip install 'sglang{SUPPORTED_SGLANG}' on a GPU "
+            f"machine); use rollout.backend=embedded on machines without it ({error})"
+        ) from error
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    version = getattr(sglang, "__version__", "0")
+    if Version(version) not in SpecifierSet(SUPPORTED_SGLANG):
+        raise EngineError(f"sglang {version} is installed; the SGLang backend supports sglang{SUPPORTED_SGLANG}")
+    return version
+
+
+@dataclass(kw_only=True)
+class SGLangServerArgs:
+    """What `python -m sglang.launch_server` gets (names as in SGLang's ServerArgs)."""
+
+    model_path: str
+    """HF checkpoint the server loads."""
+    tp_size: int = 1
+    """Tensor-parallel size (GPUs per server)."""
+    mem_fraction_static: float = 0.6
+    """Fraction of GPU memory for weights + KV cache."""
+    host: str = "127.0.0.1"
+    port: int = 30000
+    base_gpu_id: int = 0
+    """First GPU the server uses."""
+    random_seed: int = 0
+    enable_memory_saver: bool = True
+    """Needed for release/resume_memory_occupation (colocated time-sharing)."""
+    skip_tokenizer_init: bool = False
+    """Token ids only, no detokenizer on the server: no text back and no stop strings. We send token ids either way."""
+    dtype: str = "auto"
+    extra_args: list[str] = field(default_factory=list)
+    """More launch_server flags, passed through verbatim."""
+    launch_command: list[str] | None = None
+    """Program to run instead of `python -m sglang.launch_server` (tests use a protocol stand-in)."""
+
+    def __post_init__(self):
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        program = self.launch_command or [sys.executable, "-m", "sglang.launch_server"]
+        args = [
+            *program,
+            "--model-path", self.model_path,
+            "--tp-size", str(self.tp_size),
+            "--mem-fraction-static", str(self.mem_fraction_static),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--base-gpu-id", str(self.base_gpu_id),
+            "--random-seed", str(self.random_seed),
+            "--dtype", self.dtype,
+            "--skip-server-warmup",
+        ]  # fmt: skip
+        if self.enable_memory_saver:
+            args.append("--enable-memory-saver")
+        if self.skip_tokenizer_init:
+            args.append("--skip-tokenizer-init")
+        return args + list(self.extra_args)
+
+
+class SGLangServerProcess:
+    """Owns one launched server: start (wait until it generates), liveness, stop (its whole process group)."""
+
+    def __init__(self, args: SGLangServerArgs, *, startup_timeout_s: float = 900.0, log_dir: str | None = None):
+        self.args = args
+        self.startup_timeout_s = startup_timeout_s
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="fapo_sglang_")
+        self.log_path = os.path.join(self.log_dir, f"server_{args.port}.log")
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        if self.args.launch_command is None:
+            require_sglang()
+        env = dict(os.environ, SGLANG_RETURN_ORIGINAL_LOGPROB="0")
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self.args.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        probe = SGLangClient(self.args.url, timeout_s=30.0, retries=0)
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while not probe.health_generate(timeout_s=5.0):
+                if not self.alive():
+                    code = self._process.returncode
+                    raise EngineError(f"SGLang server exited with code {code}; see {self.log_path}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EngineError(f"SGLang server unhealthy after {self.startup_timeout_s} s; see {self.log_path}")
+                time.sleep(0.5)
+            probe.flush_cache()
+        finally:
+            probe.close()
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self._process is None:
+            return
+        if self.alive():
+            _signal_group(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self._process.pid, signal.SIGKILL)
+                self._process.wait(grace_s)
+        self._process = None
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class SGLangEngine(Engine):
+    """The engine protocol over one SGLang server.
+
+    Give `server` to launch and own a server (restarted, at most `max_restarts` times, when it dies), or
+    `url` to attach to a running one. `transport` is "tensor" (colocated, CUDA IPC) or "distributed"
+    (NCCL side group; then `distributed_master` = (address, port) of this trainer rank). Weights go out in
+    buckets of `bucket_mb`; each sync is bracketed by pause/flush and continue and bumps `weight_version`.
+    """
+
+    def __init__(
+        self,
+        *,
+        server: SGLangServerArgs | None = None,
+        url: str | None = None,
+        tokenizer=None,
+        transport: str = "tensor",
+        distributed_master: tuple[str, int] | None = None,
+        tp_size: int | None = None,
+        bucket_mb: float = 512,
+        request_timeout_s: float = 600.0,
+        retries: int = 2,
+        startup_timeout_s: float = 900.0,
+        max_restarts: int = 1,
+        distributed_backend: str = "nccl",
+        distributed_device: str = "cuda",
+    ):
+        if (server is None) == (url is None):
+            raise ValueError("SGLangEngine needs exactly one of server (launch) or url (attach)")
+        if transport not in ("tensor", "distributed"):
+            raise ValueError(f"transport must be 'tensor' or 'distributed', got {transport!r}")
+        if transport == "distributed" and distributed_master is None:
+            raise ValueError("transport='distributed' needs distributed_master=(address, port)")
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        self.server_args = server
+        self.url = server.url if server else url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.tp_size = tp_size or (server.tp_size if server else 1)
+        self.bucket_bytes = max(1, int(bucket_mb * MB))
+        self.max_restarts = max_restarts
+        self.num_restarts = 0
+        self.weight_version = 0
+        self.client = SGLangClient(self.url, timeout_s=request_timeout_s, retries=retries)
+        self._process = SGLangServerProcess(server, startup_timeout_s=startup_timeout_s) if server else None
+        self._transport_kind = transport
+        self._distributed = (distributed_master, distributed_backend, distributed_device)
+        self.transport = self._make_transport()
+        self._released = False
+        self._resumed_tags: set[str] = set()
+        self._started = False
+
+    def _make_transport(self):
+        if self._transport_kind == "tensor":
+            return TensorTransport(self.client, tp_size=self.tp_size)
+        (address, port), backend, device = self._distributed
+        return DistributedTransport(
+            self.client,
+            master_address=address,
+            master_port=port,
+            server_world_size=self.tp_size,
+            backend=backend,
+            device=device,
+        )
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._started:
+            return
+        if self._process is not None:
+            self._process.start()
+        elif not self.client.health_generate():
+            raise EngineError(f"no healthy SGLang server at {self.url}")
+        self._started = True
+
+    def healthy(self) -> bool:
+        return self._started and self.client.health_generate(timeout_s=10.0)
+
+    def shutdown(self) -> None:
+        if self._started:
+            try:
+                self.transport.close()
+            except EngineError:
+                pass  # the server may already be gone; we are tearing down anyway
+        if self._process is not None:
+            self._process.stop()
+        self.client.close()
+        self._started = False
+
+    @property
+    def server_pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        if not self._started:
+            raise EngineError("SGLangEngine is not started (call start())")
+        if self._released:
+            raise EngineError("SGLangEngine memory is released (call resume_memory() first)")
+        if isinstance(prompts, str):
+            raise TypeError("generate() takes a list of prompts, not one string")
+        if params.stop and self.server_args is not None and self.server_args.skip_tokenizer_init:
+            raise ValueError("stop strings need the server's tokenizer; launch without skip_tokenizer_init")
+        rows, prompt_ids = self._rows(prompts, params.n)
+        payload = self._payload(rows, params)
+        try:
+            outputs = self.client.generate(payload)
+        except ServerUnreachable:
+            self._recover()
+            outputs = self.client.generate(payload)
+        if isinstance(outputs, dict):
+            outputs = [outputs]
+        if len(outputs) != len(rows):
+            raise EngineError(f"{self.url}/generate returned {len(outputs)} outputs for {len(rows)} requests")
+        return [self._to_generation(out, index, prompt_ids[index]) for out, (index, _) in zip(outputs, rows)]
+
+    def _rows(self, prompts, n: int):
+        """One request row per sample, prompt-major; text is tokenized here when we hold the tokenizer."""
+        prompt_ids: list[list[int]] = []
+        rows = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is not None:
+                    ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                elif self.server_args is not None and self.server_args.skip_tokenizer_init:
+                    raise EngineError(f"prompt {i} is text but the server skips its tokenizer and we have none")
+                else:
+                    ids = None
+            else:
+                ids = [int(t) for t in prompt]
+            if ids is not None and not ids:
+                raise ValueError(f"prompt {i} is empty")
+            prompt_ids.append(ids or [])
+            rows.extend((i, prompt if ids is None else ids) for _ in range(n))
+        return rows, prompt_ids
+
+    @staticmethod
+    def _payload(rows, params: SamplingParams) -> dict:
+        sampling = {
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "stop": list(params.stop),
+            "no_stop_trim": True,  # keep the stop string: the protocol's text ends with it
+            "skip_special_tokens": True,
+        }
+        texts = [r for _, r in rows if isinstance(r, str)]
+        if texts and len(texts) != len(rows):
+            raise ValueError("mix of text prompts and token-id prompts in one request")
+        if params.seed is None:
+            sampling_params: dict | list = sampling
+        else:  # a per-row seed, so the n samples of a prompt differ but repeat across runs
+            sampling_params = [dict(sampling, sampling_seed=params.seed + k) for k in range(len(rows))]
+        key = "text" if texts else "input_ids"
+        return {key: [r for _, r in rows], "sampling_params": sampling_params, "return_logprob": True}
+
+    def _to_generation(self, out: dict, prompt_index: int, prompt_ids: list[int]) -> Generation:
+        meta = out.get("meta_info") or {}
+        finish = meta.get("finish_reason") or {}
+        kind = finish.get("type") if isinstance(finish, dict) else finish
+        if kind not in ("stop", "length"):
+            raise EngineError(f"{self.url}/generate: request {meta.get('id')} ended with {finish!r}")
+        triples = meta.get("output_token_logprobs")
+        if triples is None:
+            raise EngineError(f"{self.url}/generate: no output_token_logprobs (return_logprob was set)")
+        token_ids = [int(t[1]) for t in triples]
+        if "output_ids" in out and list(out["output_ids"]) != token_ids:
+            raise EngineError(f"{self.url}/generate: output_ids and output_token_logprobs disagree")
+        text = out.get("text")
+        if text is None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return Generation(
+            prompt_index=prompt_index,
+            token_ids=token_ids,
+            text=text,
+            logprobs=[float(t[0]) for t in triples],
+            finish_reason=kind,
+            prompt_token_ids=prompt_ids,
+        )
+
+    def _recover(self) -> None:
+        """After the server stopped answering: restart an owned, dead server; otherwise say clearly what failed."""
+        if self._process is None:
+            raise EngineError(f"SGLang server at {self.url} is unreachable (attached, not restarted by us)")
+        if self._process.alive():
+            raise EngineError(f"SGLang server at {self.url} (pid {self._process.pid}) is alive but not answering")
+        if self.num_restarts >= self.max_restarts:
+            raise EngineError(f"SGLang server at {self.url} died; restart budget ({self.max_restarts}) used up")
+        self.num_restarts += 1
+        self._process.stop()
+        self._process.start()
+        self.transport = self._make_transport()
+        self._released = False
+        if self.weight_version > 0:
+            raise EngineError(
+                f"SGLang server at {self.url} died and was restarted with the checkpoint weights; "
+                f"push the current weights (update_weights) before generating again"
+            )
+
+    # ----------------------------------------------------------------------------------------- weights / memory
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Re-bucket to `bucket_mb`, then pause -> flush -> buckets -> continue; checks the server's weight version."""
+        if not self._started:
+            raise EngineError("SGLangEngine is not started (call start())")
+        version = str(self.weight_version + 1)
+        named = (pair for bucket in buckets for pair in bucket)
+        self.transport.connect()
+        self.client.pause_generation()
+        try:
+            self.client.flush_cache()
+            for bucket in bucket_named_tensors(named, self.bucket_bytes):
+                self.transport.send(bucket, weight_version=version)
+        finally:
+            self.client.continue_generation()
+        served = self.client.get_weight_version()
+        if served != version:
+            raise EngineError(f"{self.url} serves weight version {served!r} after pushing version {version!r}")
+        self.weight_version += 1
+
+    def release_memory(self) -> None:
+        """Flush, then free weights and KV cache on the GPUs (the server must run with enable_memory_saver)."""
+        if not self._started or self._released:
+            return
+        self.client.flush_cache()
+        self.client.release_memory_occupation(tags=None)
+        self._released = True
+        self._resumed_tags = set()
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Take memory back: all of it, or in stages (e.g. ["weights"] before a push, then ["kv_cache"])."""
+        if not self._started or not self._released:
+            return
+        self.client.resume_memory_occupation(tags=tags)
+        if tags is None:
+            self._released = False
+            return
+        self._resumed_tags |= set(tags)
+        if {"weights", "kv_cache"} <= self._resumed_tags:
+            self._released = False
+            self._resumed_tags = set()

@@ -1,0 +1,317 @@
+"""A CPU stand-in for an SGLang server, for tests: same launch flags, same native HTTP JSON, real generation.
+
+Mirrors SGLang 0.5.3-0.5.x (`python/sglang/srt/entrypoints/http_server.py`, `managers/io_struct.py`,
+`managers/tokenizer_manager.py`, `weight_sync/tensor_bucket.py`): request bodies and response shapes of
+/generate (batch -> list, single -> dict; meta_info.finish_reason {"type": "stop", "matched": ...} or
+{"type": "length", "length": N}; meta_info.output_token_logprobs [[logprob, token_id, text|null], ...]),
+/update_weights_from_tensor (serialized_named_tensors, one base64 pickle per TP rank, load_format
+"flattened_bucket"), /init_weights_update_group + /update_weights_from_distributed (side process group,
+one broadcast per name in order), /release_memory_occupation and /resume_memory_occupation with tags,
+/pause_generation, /continue_generation, /flush_cache (400 while requests run), /health_generate,
+/get_weight_version, /get_server_info.
+Differences from SGLang: it runs an HF model on CPU through our EmbeddedEngine (one request row at a
+time), decodes CPU by-value pickles (real SGLang on GPU gets CUDA IPC handles), joins the side group with
+gloo (NCCL on GPU), refuses stop strings without a tokenizer, and adds GET /standin/calls, a log of every
+call, for the tests.
+
+Run: python sglang_standin.py --model-path DIR --port N [other sglang.launch_server flags we send]
+"""
+
+import argparse
+import base64
+import json
+import pickle
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for EmbeddedEngine
+
+from fapo_megatron.engines.base import SamplingParams  # noqa: E402
+from fapo_megatron.engines.embedded import EmbeddedEngine  # noqa: E402
+
+MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--mem-fraction-static", type=float, default=0.9)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--base-gpu-id", type=int, default=0)
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--skip-server-warmup", action="store_true")
+    p.add_argument("--enable-memory-saver", action="store_true")
+    p.add_argument("--skip-tokenizer-init", action="store_true")
+    return p.parse_args(argv)  # unknown flags fail, as in SGLang
+
+
+class StandIn:
+    def __init__(self, args):
+        self.args = args
+        self.engine = EmbeddedEngine(args.model_path)
+        self.engine.start()
+        self.lock = threading.Lock()
+        self.resume_cond = threading.Condition()
+        self.paused = False
+        self.released: set[str] = set()
+        self.running = 0
+        self.weight_version = "default"
+        self.calls: list[dict] = []
+        self.groups: dict[str, object] = {}
+        self.sample_counter = 0
+
+    def record(self, path, **details):
+        self.calls.append({"path": path, "time": time.time(), "paused": self.paused, **details})
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate(self, body):
+        if self.released:
+            return 500, {"error": {"message": f"memory released ({sorted(self.released)}); resume first"}}
+        with self.resume_cond:
+            self.resume_cond.wait_for(lambda: not self.paused, timeout=60)
+        single = "input_ids" in body and body["input_ids"] and isinstance(body["input_ids"][0], int)
+        single = single or isinstance(body.get("text"), str)
+        if "input_ids" in body:
+            rows = [body["input_ids"]] if single else body["input_ids"]
+        else:
+            if self.args.skip_tokenizer_init:
+                return 400, {"error": {"message": "text input needs the tokenizer (server runs skip_tokenizer_init)"}}
+            rows = [body["text"]] if single else body["text"]
+        sampling = body.get("sampling_params") or {}
+        per_row = sampling if isinstance(sampling, list) else [sampling] * len(rows)
+        self.record("/generate", num_rows=len(rows), return_logprob=body.get("return_logprob", False))
+        self.running += 1
+        try:
+            outs = [self._one(row, sp, body.get("return_logprob", False)) for row, sp in zip(rows, per_row)]
+        except ValueError as error:
+            return 400, {"error": {"message": str(error)}}
+        finally:
+            self.running -= 1
+        return 200, outs[0] if single else outs
+
+    def _one(self, prompt, sp, return_logprob):
+        stop = sp.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if stop and self.args.skip_tokenizer_init:
+            raise ValueError("stop strings need the tokenizer (server runs skip_tokenizer_init)")
+        seed = sp.get("sampling_seed")
+        if seed is None:
+            seed = self.args.random_seed * 1_000_003 + self.sample_counter
+            self.sample_counter += 1
+        params = SamplingParams(
+            max_new_tokens=sp.get("max_new_tokens", 128),
+            temperature=sp.get("temperature", 1.0),
+            top_p=sp.get("top_p", 1.0),
+            top_k=sp.get("top_k", -1),
+            stop=stop,
+            seed=seed,
+        )
+        with self.lock:
+            g = self.engine.generate([prompt], params)[0]
+        tok = self.engine.tokenizer
+        if g.finish_reason == "length":
+            finish = {"type": "length", "length": len(g.token_ids)}
+        elif g.token_ids and g.token_ids[-1] in self.engine._eos_ids():
+            finish = {"type": "stop", "matched": g.token_ids[-1]}
+        else:
+            finish = {"type": "stop", "matched": next(s for s in stop if s in g.text)}
+        text = g.text
+        if finish.get("matched") in stop and not sp.get("no_stop_trim", False):
+            text = text[: text.find(finish["matched"])]
+        meta = {
+            "id": uuid.uuid4().hex,
+            "finish_reason": finish,
+            "prompt_tokens": len(g.prompt_token_ids),
+            "weight_version": self.weight_version,
+            "completion_tokens": len(g.token_ids),
+            "cached_tokens": 0,
+            "e2e_latency": 0.0,
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(g.logprobs, g.token_ids)]
+        out = {"output_ids": g.token_ids, "meta_info": meta}
+        if not self.args.skip_tokenizer_init and tok is not None:
+            out = {"text": text, **out}
+        return out
+
+    # ------------------------------------------------------------------------------------------ weights
+    def update_weights_from_tensor(self, body):
+        entries = body["serialized_named_tensors"]
+        if len(entries) != self.args.tp_size:
+            return 400, {"success": False, "message": f"{len(entries)} entries for tp_size {self.args.tp_size}"}
+        payload = pickle.loads(base64.b64decode(entries[0], validate=True))
+        if body.get("load_format") == "flattened_bucket":
+            flat = payload["flattened_tensor"]
+            metadata = payload["metadata"]
+            named = [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+        else:
+            named = payload
+        self.record(
+            "/update_weights_from_tensor",
+            load_format=body.get("load_format"),
+            num_tensors=len(named),
+            bytes=sum(t.numel() * t.element_size() for _, t in named),
+            names=[n for n, _ in named],
+            weight_version=body.get("weight_version"),
+            tp_entries=len(entries),
+        )
+        return self._load(named, body.get("weight_version"))
+
+    def _load(self, named, weight_version):
+        try:
+            with self.lock:
+                self.engine.update_weights([named])
+        except ValueError as error:
+            return 400, {"success": False, "message": f"Failed to update weights: {error}"}
+        if weight_version is not None:
+            self.weight_version = weight_version
+        return 200, {"success": True, "message": "Succeeded to update model weights."}
+
+    def init_weights_update_group(self, body):
+        self.record("/init_weights_update_group", **body)
+        if body["backend"] != "gloo":
+            return 400, {"success": False, "message": "the CPU stand-in joins side groups with gloo only"}
+        from torch.distributed import distributed_c10d as c10d
+
+        # As SGLang's init_custom_process_group: rendezvous store, PrefixStore(group_name), private group helper.
+        timeout = timedelta(seconds=60)
+        url = f"tcp://{body['master_address']}:{body['master_port']}"
+        store, rank, world = next(c10d.rendezvous(url, body["rank_offset"], body["world_size"], timeout=timeout))
+        store.set_timeout(timeout)
+        store = c10d.PrefixStore(body["group_name"], store)
+        group, _ = c10d._new_process_group_helper(
+            world, rank, [], "gloo", store, group_name=body["group_name"], timeout=timeout
+        )
+        c10d._world.pg_group_ranks[group] = {i: i for i in range(world)}
+        self.groups[body["group_name"]] = group
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def update_weights_from_distributed(self, body):
+        group = self.groups.get(body["group_name"])
+        if group is None:
+            return 400, {"success": False, "message": f"no weight update group {body['group_name']!r}"}
+        named = []
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            torch.distributed.broadcast(tensor, src=0, group=group)
+            named.append((name, tensor))
+        self.record(
+            "/update_weights_from_distributed",
+            num_tensors=len(named),
+            bytes=sum(t.numel() * t.element_size() for _, t in named),
+            names=body["names"],
+            weight_version=body.get("weight_version"),
+        )
+        return self._load(named, body.get("weight_version"))
+
+    def destroy_weights_update_group(self, body):
+        self.record("/destroy_weights_update_group", **body)
+        group = self.groups.pop(body["group_name"], None)
+        if group is None:
+            return 400, {"success": False, "message": f"no weight update group {body['group_name']!r}"}
+        torch.distributed.destroy_process_group(group)
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+    # ------------------------------------------------------------------------------------------ memory / control
+    def release(self, body):
+        tags = body.get("tags") or sorted(MEMORY_TAGS)
+        self.record("/release_memory_occupation", tags=body.get("tags"))
+        if not self.args.enable_memory_saver or set(tags) - MEMORY_TAGS or set(tags) & self.released:
+            return 400, {"error": {"message": f"cannot release {tags} (released: {sorted(self.released)})"}}
+        self.released |= set(tags)
+        return 200, None
+
+    def resume(self, body):
+        tags = body.get("tags") or sorted(self.released)
+        self.record("/resume_memory_occupation", tags=body.get("tags"))
+        if set(tags) - self.released:
+            return 400, {"error": {"message": f"cannot resume {tags}: not released"}}
+        self.released -= set(tags)
+        return 200, None
+
+    def pause(self, _body):
+        self.record("/pause_generation")
+        self.paused = True
+        return 200, {"message": "Generation paused successfully.", "status": "ok"}
+
+    def resume_generation(self, _body):
+        self.record("/continue_generation")
+        with self.resume_cond:
+            self.paused = False
+            self.resume_cond.notify_all()
+        return 200, {"message": "Generation continued successfully.", "status": "ok"}
+
+    def flush_cache(self, _body):
+        self.record("/flush_cache", running=self.running)
+        return (200 if self.running == 0 else 400), "Cache flushed.\n"
+
+    def server_info(self, _body):
+        info = {k: v for k, v in vars(self.args).items()}
+        return 200, {**info, "version": "0.5.3-standin", "weight_version": self.weight_version}
+
+
+def make_handler(state: StandIn):
+    routes = {
+        "/generate": state.generate,
+        "/update_weights_from_tensor": state.update_weights_from_tensor,
+        "/init_weights_update_group": state.init_weights_update_group,
+        "/update_weights_from_distributed": state.update_weights_from_distributed,
+        "/destroy_weights_update_group": state.destroy_weights_update_group,
+        "/release_memory_occupation": state.release,
+        "/resume_memory_occupation": state.resume,
+        "/pause_generation": state.pause,
+        "/continue_generation": state.resume_generation,
+        "/flush_cache": state.flush_cache,
+        "/get_server_info": state.server_info,
+        "/get_weight_version": lambda _b: (200, {"weight_version": state.weight_version}),
+        "/health_generate": lambda _b: (200 if not state.released else 503, ""),
+        "/health": lambda _b: (200, ""),
+        "/standin/calls": lambda _b: (200, state.calls),
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self):
+            route = routes.get(self.path)
+            if route is None:
+                return self._send(404, {"detail": "Not Found"})
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null") if length else {}
+            status, content = route(body or {})
+            self._send(status, content)
+
+        def _send(self, status, content):
+            data = content.encode() if isinstance(content, str) else json.dumps(content).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if isinstance(content, str) else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = _serve
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(args.random_seed)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(StandIn(args)))
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
