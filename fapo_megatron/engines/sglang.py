@@ -29,6 +29,8 @@ from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorT
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
 
 SUPPORTED_SGLANG = ">=0.5.3,<0.6"
+MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
+"""SGLang's GPU memory types (sglang.srt.constants GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take."""
 
 
 def require_sglang() -> str:
@@ -212,8 +214,7 @@ class SGLangEngine(Engine):
         self._transport_kind = transport
         self._distributed = (distributed_master, distributed_backend, distributed_device)
         self.transport = self._make_transport()
-        self._released = False
-        self._resumed_tags: set[str] = set()
+        self._released_tags: set[str] = set()
         self._started = False
 
     def _make_transport(self):
@@ -261,8 +262,8 @@ class SGLangEngine(Engine):
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         if not self._started:
             raise EngineError("SGLangEngine is not started (call start())")
-        if self._released:
-            raise EngineError("SGLangEngine memory is released (call resume_memory() first)")
+        if self._released_tags:
+            raise EngineError(f"SGLangEngine memory is released ({sorted(self._released_tags)}); call resume_memory()")
         if isinstance(prompts, str):
             raise TypeError("generate() takes a list of prompts, not one string")
         if params.stop and self.server_args is not None and self.server_args.skip_tokenizer_init:
@@ -357,7 +358,7 @@ class SGLangEngine(Engine):
         self._process.stop()
         self._process.start()
         self.transport = self._make_transport()
-        self._released = False
+        self._released_tags = set()
         if self.weight_version > 0:
             raise EngineError(
                 f"SGLang server at {self.url} died and was restarted with the checkpoint weights; "
@@ -369,6 +370,8 @@ class SGLangEngine(Engine):
         """Re-bucket to `bucket_mb`, then pause -> flush -> buckets -> continue; checks the server's weight version."""
         if not self._started:
             raise EngineError("SGLangEngine is not started (call start())")
+        if "weights" in self._released_tags:
+            self.resume_memory(tags=["weights"])  # weights only: the KV cache stays free until resume_memory()
         version = str(self.weight_version + 1)
         named = (pair for bucket in buckets for pair in bucket)
         self.transport.connect()
@@ -385,23 +388,22 @@ class SGLangEngine(Engine):
         self.weight_version += 1
 
     def release_memory(self) -> None:
-        """Flush, then free weights and KV cache on the GPUs (the server must run with enable_memory_saver)."""
-        if not self._started or self._released:
+        """Flush, then free weights, KV cache and CUDA graphs (the server must run with enable_memory_saver)."""
+        if not self._started or self._released_tags:
             return
         self.client.flush_cache()
         self.client.release_memory_occupation(tags=None)
-        self._released = True
-        self._resumed_tags = set()
+        self._released_tags = set(MEMORY_TAGS)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
-        """Take memory back: all of it, or in stages (e.g. ["weights"] before a push, then ["kv_cache"])."""
-        if not self._started or not self._released:
+        """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
+        if not self._started or not self._released_tags:
             return
-        self.client.resume_memory_occupation(tags=tags)
-        if tags is None:
-            self._released = False
-            return
-        self._resumed_tags |= set(tags)
-        if {"weights", "kv_cache"} <= self._resumed_tags:
-            self._released = False
-            self._resumed_tags = set()
+        unknown = set(tags or ()) - MEMORY_TAGS
+        if unknown:
+            raise ValueError(f"unknown SGLang memory tags {sorted(unknown)}; known: {sorted(MEMORY_TAGS)}")
+        partial = self._released_tags != MEMORY_TAGS
+        wanted = set(tags) if tags is not None else set(self._released_tags)
+        # None asks the server for everything it released; after a partial resume, name what is left.
+        self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)
+        self._released_tags -= wanted
