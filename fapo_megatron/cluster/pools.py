@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -189,27 +190,31 @@ def ray_session(
     so a CPU-only machine can host a layout larger than its core count). Ignored when joining a cluster.
     """
     layout = compute_layout(cfg, cpus_per_gpu)
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in this process; ray_session must own the connection")
     address = cfg.cluster.ray_address
-    temp_dir = None
-    children_before = {child.pid for child in psutil.Process().children()}
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        needed = sum(spec.num_bundles * spec.bundle.get("CPU", 0.0) for spec in layout.pools.values())
-        temp_dir = tempfile.mkdtemp(prefix="fapo-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        ray.init(
-            address="local",
-            num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, int(-(-needed // 1))),
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
-    # The processes a local Ray runs (GCS, raylet, monitors) are this process's new children.
-    ray_processes = [] if address else [p for p in psutil.Process().children() if p.pid not in children_before]
-    session = RaySession(cfg=cfg, layout=layout, pools={}, started_local=not address, temp_dir=temp_dir)
+    session = RaySession(cfg=cfg, layout=layout, pools={}, started_local=not address, temp_dir=None)
+    ray_processes: list[psutil.Process] = []
     previous_handler = _raise_on_sigterm()
     try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            children_before = {child.pid for child in psutil.Process().children()}
+            needed = sum(spec.num_bundles * spec.bundle.get("CPU", 0.0) for spec in layout.pools.values())
+            session.temp_dir = tempfile.mkdtemp(prefix="fapo-ray-", dir="/tmp")  # Ray's socket paths: <= 107 bytes
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, math.ceil(needed)),
+                    include_dashboard=False,
+                    _temp_dir=session.temp_dir,
+                    logging_level=logging.WARNING,
+                )
+            finally:
+                # The processes a local Ray runs (GCS, raylet, monitors) are this process's new children.
+                ray_processes = [p for p in psutil.Process().children() if p.pid not in children_before]
+        _raise_on_sigterm()  # again: ray.init replaced it with one that exits with status 15
         if create_pools:
             for spec in layout.pools.values():
                 session.pools[spec.name] = create_pool(spec, pool_timeout_s)
