@@ -140,13 +140,26 @@ def test_release_resume_order(engine):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
     engine.resume_memory(tags=["kv_cache", "cuda_graph"])
     assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
+    engine.release_memory()
+    engine.update_weights([list(tiny_qwen2(seed=1).state_dict().items())])  # colocated push: weights come back first
+    engine.resume_memory()
     log = [(c["path"], c.get("tags")) for c in calls(engine.url)[start:] if c["path"] != "/generate"]
+    updates = [entry for entry in log if entry[0] == "/update_weights_from_tensor"]
     assert log == [
         ("/flush_cache", None),
         ("/release_memory_occupation", None),
         ("/resume_memory_occupation", ["weights"]),
-        ("/resume_memory_occupation", ["kv_cache", "cuda_graph"]),
+        ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
+        ("/flush_cache", None),
+        ("/release_memory_occupation", None),
+        ("/resume_memory_occupation", ["weights"]),
+        ("/pause_generation", None),
+        ("/flush_cache", None),
+        *updates,
+        ("/continue_generation", None),
+        ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
     ]
+    assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
 
 
 def test_distributed_transport_broadcasts_weights(engine, checkpoints):
