@@ -203,7 +203,7 @@ class EmbeddedEngine(Engine):
         ]
 
     def _cache_kwargs(self, cache) -> dict:
-        """transformers 5.x names the KV-cache argument `cache` (`past_key_values` before); logits only for the last token."""
+        """KV-cache keyword (`cache` in transformers 5.x, `past_key_values` before); logits of the last token only."""
         accepted = inspect.signature(self._model.forward).parameters
         kwargs = {"cache" if "cache" in accepted else "past_key_values": cache}
         if "logits_to_keep" in accepted:
