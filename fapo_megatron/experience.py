@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fapo_megatron.algo import fapo_rewards, flawed_positive_share, grpo_advantages, learning_progress
+from fapo_megatron.algo import fapo_rewards, flawed_positive_share, grpo_advantages, learning_progress, overlong_penalty
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.config import AlgorithmConfig, GenRMConfig, RolloutConfig
 from fapo_megatron.data.items import PromptItem
@@ -105,6 +105,11 @@ def grade_rollouts(
     metrics = {
         "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
         "reward/outcome_mean": float(result.outcome.float().mean()),
+        "reward/overlong_mean": float(
+            overlong_penalty(lengths, rollout.max_response_tokens, overlong.buffer, overlong.penalty_factor).mean()
+        )
+        if overlong.enable and overlong.buffer > 0
+        else 0.0,
         "reward/accuracy": float(correct.float().mean()),
         "reward/flawed_positive_share": _nan_to_zero(flawed_positive_share(correct, flawed, available)),
         "reward/num_dropped": float(result.num_dropped),
