@@ -68,7 +68,7 @@ def requeue_if_needed(env: dict[str, str] | None = None, scontrol: str = "scontr
         raise ValueError(f"FAPO_REQUEUE={mode!r}: expected one of {REQUEUE_MODES}")
     if not job_id or mode != "self":
         return False
-    proc = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True)
+    proc = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, env=dict(env))
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return True

@@ -188,8 +188,8 @@ def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
     par, t, p, d = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp, cfg.dp
     phase = Phase("actor train")
     stage_params = math.ceil(shape.layers / p) * shape.layer_params + shape.embedding_params
-    if p == 1 and not shape.tied_embeddings:
-        stage_params += shape.embedding_params
+    if p == 1:
+        stage_params += shape.hidden + (0 if shape.tied_embeddings else shape.embedding_params)  # final norm, head
     per_rank = stage_params / t
     param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
     phase.add("params", per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B")

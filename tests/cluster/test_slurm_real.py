@@ -77,6 +77,21 @@ def test_preflight_only_job_brings_up_ray_on_both_nodes(slurm, short_tmp):
     assert "fapo: preflight-only job" in log
 
 
+def test_requeue_if_needed_requeues_a_real_job_and_names_a_missing_one(slurm):
+    from fapo_megatron.cluster.preemption import requeue_if_needed
+
+    job = slurm.run("sbatch", "--parsable", "-N1", "--wrap", "sleep 120").stdout.strip()
+    deadline = time.monotonic() + 60
+    while slurm.job_state(job)["JobState"] != "RUNNING":
+        assert time.monotonic() < deadline, slurm.job_state(job)
+        time.sleep(0.5)
+    assert requeue_if_needed(env=dict(slurm.env, SLURM_JOB_ID=job)) is True
+    assert slurm.job_state(job)["Restarts"] == "1"
+    slurm.run("scancel", job)
+    with pytest.raises(RuntimeError, match="scontrol requeue 999999 failed"):
+        requeue_if_needed(env=dict(slurm.env, SLURM_JOB_ID="999999"))
+
+
 def test_preflight_failure_stops_the_job_and_names_the_node(slurm, short_tmp):
     job = submit(slurm, short_tmp, "data.format=gsm8k", "data.train_path=/nonexistent/train.jsonl",
                  flags=("--preflight-only",))
@@ -97,7 +112,15 @@ def test_tiny_cpu_run_completes(slurm, short_tmp):
     assert state["JobState"] == "COMPLETED", log
     assert "fapo: trainer exited with 0" in log
     assert metrics_steps(short_tmp / "run") == [1, 2]
-    assert (short_tmp / "run" / "checkpoints" / "latest").read_text().strip().endswith("_2")
+    assert latest_checkpoint_step(short_tmp / "run") == 2
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    """The training step the trainer stored with its latest checkpoint (the folder is named by optimizer step)."""
+    import torch
+
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(latest / "extra.pt", weights_only=False)["step"]
 
 
 def _wait_for_step(slurm, job: str, run_dir: Path, step: int, timeout_s: float) -> None:
@@ -124,6 +147,7 @@ def test_requeued_run_resumes_at_the_latest_checkpoint(slurm, short_tmp):
     resumed = [int(line.rsplit(" ", 1)[-1]) for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and resumed[0] >= 1, log  # the second run started from a checkpoint, not step 0
     assert metrics_steps(run_dir) == [1, 2, 3, 4]  # every step once: steps past the checkpoint were dropped and redone
+    assert latest_checkpoint_step(run_dir) == 4
 
 
 def test_usr1_checkpoints_requeues_and_resumes_at_that_step(slurm, short_tmp):

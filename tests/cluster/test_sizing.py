@@ -1,0 +1,88 @@
+"""Per-GPU memory estimate: published parameter counts, hand-computed lines, and every shipped config fits 80 GB."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fapo_megatron.cli import main
+from fapo_megatron.cluster.preflight import check_plan
+from fapo_megatron.cluster.sizing import SHAPES, ModelShape, estimate, estimate_for_config, resolve_shape
+from fapo_megatron.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+GPU_CONFIGS = [path for path in CONFIGS if load_config(path).cluster.device == "cuda"]
+
+
+def test_parameter_counts_match_the_model_cards():
+    # Qwen2.5-7B card: 7.61B total, 6.53B non-embedding; Qwen3-4B card: 4.0B total, 3.6B non-embedding;
+    # Qwen2.5-32B safetensors: 32.76B.
+    seven, four, big = SHAPES["qwen2.5-math-7b"], SHAPES["qwen3-4b"], SHAPES["qwen2.5-32b"]
+    assert seven.num_params / 1e9 == pytest.approx(7.61, abs=0.01)
+    assert seven.layers * seven.layer_params / 1e9 == pytest.approx(6.53, abs=0.01)
+    assert four.num_params / 1e9 == pytest.approx(4.02, abs=0.01)
+    assert four.layers * four.layer_params / 1e9 == pytest.approx(3.6, abs=0.05)
+    assert big.num_params / 1e9 == pytest.approx(32.76, abs=0.01)
+
+
+def test_shape_from_hf_config_json_wins_over_the_builtin(tmp_path):
+    raw = {"model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 9728, "vocab_size": 151936, "head_dim": 128,
+           "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    shape = resolve_shape(str(tmp_path), "qwen2.5-32b", "sizing.model_shape")
+    assert shape.num_params == SHAPES["qwen3-4b"].num_params
+    with pytest.raises(ConfigError, match=r"sizing.model_shape: /nowhere/config.json is not readable and no built-in"):
+        resolve_shape("/nowhere", "", "sizing.model_shape")
+
+
+def test_lines_match_a_hand_computation():
+    shape = ModelShape(name="toy", hidden=1024, layers=4, heads=8, kv_heads=8, ffn=4096, vocab=32000)
+    n = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096 + 2 * 1024) + 2 * 32000 * 1024 + 1024
+    assert shape.num_params == n
+    cfg = load_config(REPO / "configs" / "qwen2.5-math-7b_grpo.yaml", [
+        "parallel.tp=2", "parallel.recompute=none", "parallel.sequence_parallel=false", "cluster.num_nodes=1",
+        "cluster.devices_per_node=8", "rollout.max_prompt_tokens=1000", "rollout.max_response_tokens=1000",
+        "rollout.tp=1", "rollout.mem_fraction=0.5", "sizing.runtime_overhead_gb=0", "algorithm.overlong.buffer=500",
+    ])  # fmt: skip
+    report = estimate(cfg, shape, None)
+    train = {name: gb for name, gb, _ in report.phases[0].lines}
+    assert train["params"] == pytest.approx(n / 2 * 2 / 1e9)
+    assert train["grads"] == pytest.approx(n / 2 * 4 / 1e9)
+    assert train["optimizer"] == pytest.approx(n / 2 * 12 / 4 / 1e9)  # dp = 8 / 2
+    # per layer per token, bf16: 4h replicated (no SP) + (2 q + 2 kv + 4 ffn) / t; 4 layers; T = 2000 tokens
+    per_token_layer = 2 * (4 * 1024 + (2 * 1024 + 2 * 1024 + 4 * 4096) / 2)
+    assert train["activations"] == pytest.approx(per_token_layer * 2000 * 4 / 1e9)
+    assert train["logits"] == pytest.approx(2000 * 32000 / 2 * 4 * 2 / 1e9)
+    rollout = {name: gb for name, gb, _ in report.phases[1].lines}
+    assert rollout["toy weights"] == pytest.approx(n * 2 / 1e9)
+    assert rollout["KV cache"] == pytest.approx(0.5 * 80 - n * 2 / 1e9)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_gpu_recipe_is_valid_and_fits_80gb(path):
+    cfg = load_config(path)
+    report = estimate_for_config(cfg)
+    assert report.gpu_memory_gb == 80
+    assert report.fits, report.problems
+    assert report.peak_gb <= 80
+    assert check_plan(cfg, "n") == []
+    text = path.read_text()
+    assert f"= {report.peak_gb:.0f} GB" in text  # the sizing written out in the file matches the estimate
+
+
+def test_every_shipped_config_loads():
+    assert len(CONFIGS) >= 7
+    for path in CONFIGS:
+        load_config(path)
+
+
+def test_a_plan_that_does_not_fit_says_which_phase_and_why(capsys):
+    big = str(REPO / "configs" / "qwen2.5-32b_fapo.yaml")
+    assert main(["slurm", "size", big, "parallel.tp=1", "parallel.sequence_parallel=false", "rollout.tp=1"]) == 1
+    out = capsys.readouterr().out
+    assert "problem: actor train phase needs" in out
+    assert "problem: rollout engine: 0.6 x 80 GB leaves 0.0 GB of KV cache after 65.5 GB of weights" in out
+    assert main(["slurm", "size", big]) == 0
+    assert "peak 52.0 GB of 80 GB per GPU: fits" in capsys.readouterr().out
