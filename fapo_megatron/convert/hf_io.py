@@ -91,7 +91,12 @@ class HFReader:
         """Bytes of all tensors, from the shard headers (no tensor data is read)."""
         total = 0
         for name, shard in self.weight_map.items():
-            piece = self._handle(shard).get_slice(name)
+            try:
+                piece = self._handle(shard).get_slice(name)
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(
+                    f"{self.folder / shard}: the index places tensor {name!r} here, but the file lacks it ({err})"
+                ) from err
             total += _numel(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
         return total
 

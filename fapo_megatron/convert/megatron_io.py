@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fapo_megatron.megatron import model as mcore
 from fapo_megatron.megatron import platform
 from fapo_megatron.models import hf_mapping, registry
 
@@ -23,20 +24,13 @@ DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "
 
 def init_single_process() -> None:
     """torch.distributed and megatron model parallel state for one process (TP=1, PP=1); idempotent."""
-    from megatron.core import parallel_state, tensor_parallel
-
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     platform.setup("cuda" if torch.cuda.is_available() else "cpu")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    if "model-parallel-rng" not in tracker.get_states():
-        # Conversion never draws random numbers (no init, no dropout); megatron only needs the state to exist.
-        tracker.states_["model-parallel-rng"] = torch.get_rng_state()
+    mcore.init_model_parallel(1, 1, seed=0)
 
 
 def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int):

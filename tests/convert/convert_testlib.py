@@ -62,52 +62,14 @@ def spawn(fn, world_size: int, *args) -> None:
 
 
 def build_megatron_gpt(hf_config, spec, tp: int = 1, pp: int = 1):
-    """A fp32 megatron-core GPTModel (local spec) with the HF config's shape, after platform setup on CPU.
-
-    Stand-in for the actor's models/registry.py builder until that lands."""
-    import torch.nn.functional as F
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
+    """The actor's fp32 GPTModel (local spec) for this rank of a tp x pp layout, on the CPU platform."""
+    from fapo_megatron.megatron import model as mcore
     from fapo_megatron.megatron import platform
+    from fapo_megatron.models import registry
 
     platform.setup("cpu")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tp, pp)
-        # Dropout is off: the tracker only needs the state to exist (platform's manual_seed patch recurses).
-        tensor_parallel.get_cuda_rng_tracker().states_["model-parallel-rng"] = torch.get_rng_state()
-    config = TransformerConfig(
-        num_layers=spec.num_layers,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups,
-        kv_channels=spec.head_dim,
-        ffn_hidden_size=spec.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf_config.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=spec.family.qkv_bias,
-        qk_layernorm=spec.family.qk_norm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-    )
-    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.family.qk_norm, normalization="RMSNorm")
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=spec.padded_vocab_size,
-        max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=spec.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=hf_config.rope_parameters["rope_theta"],
-    ).eval()
+    layout = mcore.init_model_parallel(tp, pp, seed=0)
+    model_spec = registry.model_spec(hf_config.to_dict())
+    assert model_spec.padded_vocab_size(tp) == spec.padded_vocab_size
+    config = registry.transformer_config(model_spec, tp=tp, pp=pp, use_cpu_initialization=True)
+    return mcore.build_gpt_model(model_spec, config, layout, backend="local").eval()
