@@ -128,12 +128,26 @@ class LocalSlurm:
                 time.sleep(0.5)
         pid_files = [self.root / f"slurmd-{node}.pid" for node in NODES]
         pid_files += [self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"]
+        pids = []
         for pid_file in pid_files:
             if pid_file.is_file():
                 try:
-                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+                    pids.append(int(pid_file.read_text().strip()))
+                    os.kill(pids[-1], signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _slurm_conf(root: Path, munge_socket: Path, ctld_port: int, node_port: int) -> str:

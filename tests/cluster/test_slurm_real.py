@@ -29,8 +29,8 @@ def slurm():
     cluster.stop()
 
 
-def submit(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ()) -> str:
-    """Submit configs/tiny_cpu.yaml on both nodes with `overrides`; returns the job id."""
+def submit_chain(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """Submit configs/tiny_cpu.yaml on both nodes with `overrides`; returns the job ids."""
     ray_port, preflight_port = free_port_range(1), free_port_range(1)
     command = [
         sys.executable, "-m", "fapo_megatron", "slurm", "submit", str(REPO / "configs" / "tiny_cpu.yaml"),
@@ -41,7 +41,12 @@ def submit(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ()) -> st
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=slurm.env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.split()[-1]
+    return proc.stdout.split()
+
+
+def submit(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ()) -> str:
+    [job] = submit_chain(slurm, tmp, *overrides, flags=flags)
+    return job
 
 
 def job_log(tmp: Path, job_id: str) -> str:
@@ -66,11 +71,14 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_preflight_only_job_brings_up_ray_on_both_nodes(slurm, short_tmp):
-    job = submit(slurm, short_tmp, flags=("--preflight-only",))
+def test_preflight_only_chain_brings_up_ray_on_both_nodes(slurm, short_tmp):
+    first, job = submit_chain(slurm, short_tmp, flags=("--preflight-only", "--chain", "2"))
     state = slurm.wait_done(job, 300)
     log = job_log(short_tmp, job)
     assert state["JobState"] == "COMPLETED", log
+    first_state = slurm.job_state(first)
+    assert first_state["JobState"] == "COMPLETED", job_log(short_tmp, first)
+    assert first_state["EndTime"] <= state["StartTime"]  # afterany: the second job waited for the first
     assert "preflight: all checks passed" in log
     assert "all-reduce of 1 MiB over 2 tasks" in log
     assert "node1 2 CPU, node2 2 CPU" in log  # both emulated nodes joined the Ray cluster with their CPUs
