@@ -54,11 +54,13 @@ class Task:
 
 
 def check_plan(cfg: Config, node: str) -> list[Failure]:
-    """Parallel sizes against the device count and the model shapes (HF config.json, else sizing.*_shape)."""
+    """Parallel sizes against the node size and the model shapes (HF config.json, else sizing.*_shape).
+
+    TP x PP x DP = num_nodes x devices_per_node is already a config rule; `check_job` and `check_gpus` tie
+    those two numbers to the nodes and GPUs Slurm actually gave the job.
+    """
     failures = []
-    par, world = cfg.parallel, cfg.cluster.world_size
-    if par.tp * par.pp * cfg.dp != world:
-        failures.append(Failure(node, "plan", f"tp={par.tp} x pp={par.pp} x dp={cfg.dp} != {world} devices"))
+    par = cfg.parallel
     if par.tp > cfg.cluster.devices_per_node:
         failures.append(Failure(node, "plan", f"parallel.tp={par.tp} spans nodes (cluster.devices_per_node="
                                               f"{cfg.cluster.devices_per_node}); keep TP inside a node"))
@@ -91,7 +93,8 @@ def _divisibility(shape: ModelShape, key: str, tp: int, node: str, *, megatron: 
     """Megatron splits heads and KV groups over TP; SGLang also allows replicating KV heads (tp % kv == 0)."""
     failures = []
     if shape.heads % tp:
-        failures.append(Failure(node, "plan", f"{shape.name}: {shape.heads} attention heads not divisible by {key}={tp}"))
+        message = f"{shape.name}: {shape.heads} attention heads not divisible by {key}={tp}"
+        failures.append(Failure(node, "plan", message))
     kv_ok = shape.kv_heads % tp == 0 or (not megatron and tp % shape.kv_heads == 0)
     if not kv_ok:
         failures.append(Failure(node, "plan", f"{shape.name}: {shape.kv_heads} KV heads do not split over {key}={tp}"))

@@ -204,9 +204,11 @@ def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
     layer_bytes = BF16 * (replicated + split) * tokens
     if par.recompute == "full":
         kept = BF16 * shape.hidden / sp_div * tokens * shape.layers
-        phase.add("activations", kept + layer_bytes, f"full recompute: {shape.layers} layer inputs + 1 layer, T={tokens}")
+        note = f"full recompute: {shape.layers} layer inputs + 1 layer, T={tokens}"
+        phase.add("activations", kept + layer_bytes, note)
     else:
-        phase.add("activations", layer_bytes * shape.layers, f"{par.recompute} recompute: {shape.layers} layers, T={tokens}")
+        note = f"{par.recompute} recompute: {shape.layers} layers, T={tokens}"
+        phase.add("activations", layer_bytes * shape.layers, note)
     phase.add("logits", tokens * shape.vocab / t * FP32 * 2, "fp32 logits + grad, vocab / t")
     return phase
 

@@ -41,21 +41,24 @@ def test_shipped_plan_passes_and_bad_splits_name_the_shape_and_key(tmp_path):
 def test_engines_may_replicate_kv_heads_but_megatron_may_not(tmp_path):
     model = hf_config(tmp_path / "m", num_attention_heads=32, num_key_value_heads=2)
     cfg = load_config(SEVEN_B, [f"model.path={model}", "parallel.tp=4", "rollout.tp=4"])
-    assert [f.message.split(": ", 1)[1] for f in check_plan(cfg, "n")] == ["2 KV heads do not split over parallel.tp=4"]
+    messages = [f.message.split(": ", 1)[1] for f in check_plan(cfg, "n")]
+    assert messages == ["2 KV heads do not split over parallel.tp=4"]
 
 
 def test_node_local_checks_name_the_node(tmp_path):
     cfg = load_config(SEVEN_B, [f"trainer.output_dir={tmp_path}/run", "slurm.min_free_disk_gb=1000000000000.0"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     assert check_gpus(cfg, "gpu7", visible=4) == [
-        Failure("gpu7", "gpus", f"4 GPUs visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
-                                "), the config wants cluster.devices_per_node=8")
+        Failure("gpu7", "gpus", f"4 GPUs visible (CUDA_VISIBLE_DEVICES={visible}), the config wants "
+                                "cluster.devices_per_node=8")
     ]
     assert check_gpus(cfg, "gpu7", visible=8) == []
     [disk] = check_disk(cfg, "gpu7")
     assert disk.check == "disk" and f"GB free under {tmp_path}," in disk.message
     paths = [str(f) for f in check_paths(cfg, "gpu7")]
     assert "[gpu7] paths: model.path: /shared/models/Qwen2.5-Math-7B/config.json does not exist on this node" in paths
-    assert "[gpu7] paths: genrm.model_path: /shared/models/FAPO-GenRM-4B/config.json does not exist on this node" in paths
+    genrm = "/shared/models/FAPO-GenRM-4B/config.json"
+    assert f"[gpu7] paths: genrm.model_path: {genrm} does not exist on this node" in paths
     assert len(paths) == 4  # + train and val data
     assert check_job(cfg, "gpu7", env={"SLURM_JOB_NUM_NODES": "3"}) == [
         Failure("gpu7", "job", "the job has 3 nodes, the config needs 4 (cluster.num_nodes=4 + GenRM pool)")
