@@ -34,7 +34,7 @@ def init_single_process() -> None:
 
 
 def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int):
-    """An uninitialised TP=1/PP=1 GPTModel (local layer spec) in eval mode on the platform device."""
+    """An uninitialised TP=1/PP=1 GPTModel (local layer spec), all parameters in `dtype`, in eval mode."""
     from megatron.core.models.gpt import GPTModel
 
     init_single_process()
@@ -50,7 +50,8 @@ def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vo
         post_process=True,
         **kwargs,
     )
-    return model.to(platform.device()).eval()
+    # Norm modules ignore params_dtype (training wraps them in Float16Module); one dtype keeps exports exact.
+    return model.to(device=platform.device(), dtype=dtype).eval()
 
 
 def fill_from_hf(
