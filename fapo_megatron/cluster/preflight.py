@@ -194,7 +194,10 @@ def allreduce_check(cfg: Config, task: Task, master_addr: str, master_port: int,
     try:
         device = torch.device("cuda", task.local_rank) if cuda else torch.device("cpu")
         numel = (256 if cuda else 1) * 2**20 // 4
+        dist.all_reduce(torch.ones(1, device=device))  # warm-up: NCCL builds its communicator on first use
         payload = torch.full((numel,), float(task.rank + 1), device=device)
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         dist.all_reduce(payload)
         if cuda:
