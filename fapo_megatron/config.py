@@ -254,6 +254,10 @@ class DataConfig:
     """Fewest operations in a synthetic chain."""
     arith_max_steps: int = 4
     """Most operations in a synthetic chain."""
+    arith_max_value: int = 999
+    """Largest running value of a synthetic chain."""
+    arith_max_operand: int = 20
+    """Largest number added or subtracted in a synthetic chain."""
 
     def __post_init__(self):
         _check_positive("data.batch_size", self.batch_size)
@@ -261,6 +265,8 @@ class DataConfig:
             raise ConfigError(f"data.format={self.format} needs data.train_path (a jsonl file)")
         _check_positive("data.arith_min_steps", self.arith_min_steps)
         _check_range("data.arith_max_steps", self.arith_max_steps, low=self.arith_min_steps)
+        _check_range("data.arith_max_value", self.arith_max_value, low=4)
+        _check_positive("data.arith_max_operand", self.arith_max_operand)
 
 
 @dataclass(kw_only=True)

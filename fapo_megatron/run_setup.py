@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fapo_megatron.config import Config, to_dict
-from fapo_megatron.data import PromptItem, load_prompts, make_arith_items
+from fapo_megatron.data import PromptItem
+from fapo_megatron.data.from_config import load_train_val
 from fapo_megatron.genrm.types import Judge, JudgeRequest, Verdict
 from fapo_megatron.roles.policy import load_tokenizer, prompt_shard
 
@@ -22,19 +23,14 @@ class RunData:
 
 
 def load_run_data(cfg: Config) -> RunData:
-    data = cfg.data
-    if data.format == "arith":
+    train, val = load_train_val(cfg.data)
+    if len(train) < cfg.data.batch_size:
+        raise ValueError(f"data: {len(train)} training prompts, fewer than data.batch_size={cfg.data.batch_size}")
+    monitor = None
+    if cfg.data.format == "arith":
         from fapo_megatron.genrm.program_judge import ProgramJudge
 
-        train = make_arith_items(data.arith_num_train, data.seed, data.arith_min_steps, data.arith_max_steps)
-        val = make_arith_items(data.arith_num_val, data.seed, data.arith_min_steps, data.arith_max_steps, "val")
         monitor = ProgramJudge(max_steps=cfg.genrm.max_steps)
-    else:
-        train = load_prompts(data.train_path, data.format)
-        val = load_prompts(data.val_path, data.format) if data.val_path else []
-        monitor = None
-    if len(train) < data.batch_size:
-        raise ValueError(f"data: {len(train)} training prompts, fewer than data.batch_size={data.batch_size}")
     return RunData(tokenizer=load_tokenizer(cfg), train=train, val=val, monitor_judge=monitor)
 
 

@@ -78,19 +78,32 @@ def parse_problem(problem_text: str) -> ArithProblem:
 
 
 def make_arith_items(
-    n: int, seed: int, min_steps: int = 2, max_steps: int = 4, split: str = "train"
+    n: int,
+    seed: int,
+    min_steps: int = 2,
+    max_steps: int = 4,
+    split: str = "train",
+    *,
+    max_value: int = MAX_VALUE,
+    max_operand: int = 20,
 ) -> list[PromptItem]:
-    """`n` distinct problems, deterministic in (seed, split); train and val never share a problem text."""
+    """`n` distinct problems, deterministic in (seed, split); train and val never share a problem text.
+
+    max_value bounds every running value, max_operand every added/subtracted number (multipliers stay 2..5):
+    small bounds make a task a tiny model can learn in minutes.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: must be 'train' or 'val'")
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+    if max_value < 4 or max_operand < 1:
+        raise ValueError(f"need max_value >= 4 and max_operand >= 1, got {max_value}, {max_operand}")
     rng = random.Random(f"arith:{seed}:{split}")
     items, seen = [], set()
     for _ in range(200 * n + 1000):
         if len(items) == n:
             break
-        problem = _random_problem(rng, rng.randint(min_steps, max_steps))
+        problem = _random_problem(rng, rng.randint(min_steps, max_steps), max_value, max_operand)
         text = problem.text
         if text in seen or _split_of(text) != split:
             continue
@@ -177,20 +190,20 @@ def _apply(value: int, op: str, operand: int) -> int:
     return value * operand
 
 
-def _random_problem(rng: random.Random, num_steps: int) -> ArithProblem:
-    """A chain whose running values stay in 1..MAX_VALUE."""
-    value = rng.randint(1, 20)
+def _random_problem(rng: random.Random, num_steps: int, max_value: int, max_operand: int) -> ArithProblem:
+    """A chain whose running values stay in 1..max_value."""
+    value = rng.randint(1, min(20, max_value))
     start, ops = value, []
     for _ in range(num_steps):
-        choices = (["+"] if value < MAX_VALUE else []) + (["-"] if value >= 2 else [])
-        choices += ["*"] if 2 * value <= MAX_VALUE else []
+        choices = (["+"] if value < max_value else []) + (["-"] if value >= 2 else [])
+        choices += ["*"] if 2 * value <= max_value else []
         op = rng.choice(choices)
         if op == "+":
-            operand = rng.randint(1, min(20, MAX_VALUE - value))
+            operand = rng.randint(1, min(max_operand, max_value - value))
         elif op == "-":
-            operand = rng.randint(1, min(20, value - 1))
+            operand = rng.randint(1, min(max_operand, value - 1))
         else:
-            operand = rng.randint(2, min(5, MAX_VALUE // value))
+            operand = rng.randint(2, min(5, max_value // value))
         ops.append((op, operand))
         value = _apply(value, op, operand)
     return ArithProblem(start=start, ops=tuple(ops))

@@ -11,7 +11,8 @@ from fapo_megatron.data.loaders import load_prompts
 def load_train_val(cfg: DataConfig) -> tuple[list[PromptItem], list[PromptItem]]:
     """(train, val) prompts: generated arithmetic chains, or the jsonl files (no val_path: no validation)."""
     if cfg.format == "arith":
-        steps = {"min_steps": cfg.arith_min_steps, "max_steps": cfg.arith_max_steps}
+        steps = {"min_steps": cfg.arith_min_steps, "max_steps": cfg.arith_max_steps,
+                 "max_value": cfg.arith_max_value, "max_operand": cfg.arith_max_operand}
         train = make_arith_items(cfg.arith_num_train, cfg.seed, split="train", **steps)
         val = make_arith_items(cfg.arith_num_val, cfg.seed, split="val", **steps) if cfg.arith_num_val else []
         return train, val

@@ -33,6 +33,8 @@ class WarmupConfig:
     num_items: int = 4000
     min_steps: int = 2
     max_steps: int = 3
+    max_value: int = 40
+    max_operand: int = 9
     clean_share: float = 0.55
     flawed_share: float = 0.30
     """The rest are wrong-answer solutions."""
@@ -66,7 +68,8 @@ def build_tiny_llama(vocab_size: int, cfg: WarmupConfig, tokenizer):
 def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
     """(token ids of prompt + solution + eos, prompt length) for the warm-up mixture."""
     rng = random.Random(cfg.seed)
-    items = make_arith_items(cfg.num_items, seed=cfg.seed + 1, min_steps=cfg.min_steps, max_steps=cfg.max_steps)
+    items = make_arith_items(cfg.num_items, seed=cfg.seed + 1, min_steps=cfg.min_steps, max_steps=cfg.max_steps,
+                             max_value=cfg.max_value, max_operand=cfg.max_operand)
     examples = []
     for item in items:
         draw = rng.random()
