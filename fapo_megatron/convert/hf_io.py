@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,10 +38,15 @@ class CheckpointError(ValueError):
 
 
 class HFReader:
-    """Lazy tensor-by-tensor access to the safetensors weights of an HF checkpoint folder."""
+    """Tensor-by-tensor reads of the safetensors weights of an HF checkpoint folder.
+
+    Reads go through plain file reads into fresh tensors (not mmap): memory-mapped shards would stay resident and
+    count toward the process's memory for the whole conversion."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._headers: dict[str, dict] = {}
+        self.bytes_read = 0
         index = self.folder / INDEX_NAME
         if index.is_file():
             try:
@@ -53,62 +57,75 @@ class HFReader:
                 if not (self.folder / shard).is_file():
                     raise CheckpointError(f"{index} names shard file {shard!r}, which is missing in {self.folder}")
         elif (self.folder / SINGLE_NAME).is_file():
-            with safe_open(self.folder / SINGLE_NAME, "pt") as f:
-                self.weight_map = {name: SINGLE_NAME for name in f.keys()}
+            self.weight_map = {name: SINGLE_NAME for name in self._header(SINGLE_NAME)}
         else:
             raise CheckpointError(f"{self.folder}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
-        self._open: dict[str, object] = {}
-        self.bytes_read = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _handle(self, shard: str):
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.folder / shard, "pt")
-        return self._open[shard]
+    def _header(self, shard: str) -> dict:
+        """{tensor name: (dtype, shape, absolute start, end)} from a safetensors file header."""
+        headers = self._headers
+        if shard not in headers:
+            path = self.folder / shard
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                try:
+                    raw = json.loads(f.read(size))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise CheckpointError(f"{path}: not a safetensors file (bad header: {err})") from err
+            headers[shard] = {
+                name: (entry["dtype"], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0],
+                       8 + size + entry["data_offsets"][1])
+                for name, entry in raw.items()
+                if name != "__metadata__"
+            }  # fmt: skip
+        return headers[shard]
 
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
         shard = self.weight_map[name]
-        try:
-            tensor = self._handle(shard).get_tensor(name)
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"{self.folder / shard}: cannot read tensor {name!r} ({err})") from err
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        entry = self._header(shard).get(name)
+        if entry is None:
+            raise CheckpointError(
+                f"{self.folder / shard}: the index places tensor {name!r} here, but the file lacks it"
+            )
+        if entry[0] not in _DTYPES:
+            raise CheckpointError(f"{self.folder / shard}: tensor {name!r} has unsupported dtype {entry[0]}")
+        return entry
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, start, end = self._entry(name)
+        tensor = torch.empty(shape, dtype=_DTYPES[dtype])
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        if len(buffer) != end - start:
+            raise CheckpointError(f"{self.folder / self.weight_map[name]}: tensor {name!r} has a corrupt extent")
+        with open(self.folder / self.weight_map[name], "rb", buffering=0) as f:
+            f.seek(start)
+            if f.readinto(buffer) != end - start:
+                raise CheckpointError(f"{self.folder / self.weight_map[name]}: tensor {name!r} is truncated")
+        self.bytes_read += end - start
         return tensor
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
         for name in self.weight_map:
-            tensor = self.get(name)
-            if tensor.is_floating_point():
-                return tensor.dtype
+            dtype = _DTYPES[self._entry(name)[0]]
+            if dtype.is_floating_point:
+                return dtype
         raise CheckpointError(f"{self.folder}: no floating-point tensors")
 
     def total_bytes(self) -> int:
-        """Bytes of all tensors, from the shard headers (no tensor data is read)."""
-        total = 0
-        for name, shard in self.weight_map.items():
-            try:
-                piece = self._handle(shard).get_slice(name)
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(
-                    f"{self.folder / shard}: the index places tensor {name!r} here, but the file lacks it ({err})"
-                ) from err
-            total += _numel(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
-        return total
+        """Bytes of all tensors, from the shard headers (checks that every indexed tensor exists)."""
+        return sum(end - start for _, _, start, end in (self._entry(name) for name in self.weight_map))
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 @dataclass
