@@ -47,7 +47,8 @@ def to_float(value) -> float:
 class MetricsLogger:
     """Writes `{name: value}` per step to TensorBoard (output_dir/tensorboard) and output_dir/metrics.jsonl.
 
-    On resume, records at or after the resumed step are dropped from metrics.jsonl so a step never appears twice.
+    On resume at step k (k steps done and checkpointed), records of later steps are dropped from metrics.jsonl and
+    TensorBoard, so a step re-run after a crash never appears twice.
     """
 
     def __init__(self, output_dir: str | Path, *, resume_step: int = 0):
@@ -58,14 +59,14 @@ class MetricsLogger:
         self.tensorboard_dir = self.output_dir / "tensorboard"
         self.jsonl_path = self.output_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
-        self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=resume_step or None)
+        self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
         self._jsonl = self.jsonl_path.open("a")
 
     def _truncate_after(self, resume_step: int) -> None:
         if not self.jsonl_path.exists():
             return
         kept = [line for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) < resume_step]
+        kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
