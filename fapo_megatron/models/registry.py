@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,9 @@ class ModelSpec:
     """Unused HF keys kept for diagnostics."""
 
     def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
-        """Vocabulary rows of the embedding / output layer: a multiple of `divisible_by * tp`."""
-        multiple = divisible_by * tp
+        """Vocabulary rows of the embedding / output layer: a multiple of lcm(divisible_by, tp). Unlike megatron's
+        `divisible_by * tp` this does not change with tp (any power of two up to 128), so checkpoints reshard."""
+        multiple = math.lcm(divisible_by, tp)
         return -(-self.vocab_size // multiple) * multiple
 
 

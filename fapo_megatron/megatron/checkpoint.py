@@ -1,0 +1,191 @@
+"""Distributed checkpoints of the actor: model, optimizer, LR schedule, RNG, step and the caller's extra state.
+
+Layout of a checkpoint root:
+    <root>/latest                 name of the newest complete checkpoint (replaced atomically)
+    <root>/step_00000012/         megatron dist_checkpointing shards (model + optimizer)
+                       meta.json  step, parallel layout, HF config, scheduler state
+                       extra.pt   the caller's extra state (e.g. the data position)
+                       rng/rank<r>.pt  this rank's RNG states (restored when the layout is unchanged)
+A checkpoint is written into `step_N.tmp` and renamed when every rank has finished, so a crash never leaves a
+half-written checkpoint behind `latest`. Model weights reshard to any TP/PP on load; optimizer state reshards
+over DP, and also over TP/PP when the non-distributed optimizer wrote it (the distributed optimizer's
+dp-reshardable format is tied to its TP/PP layout: such a load restarts the optimizer moments, and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint holds another model: the message names the first tensor that differs."""
+
+
+def _layout(actor) -> dict:
+    lay = actor.layout
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "distributed_optimizer": actor.cfg.parallel.use_distributed_optimizer}
+
+
+def _sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
+    model_state = actor.model.sharded_state_dict(prefix="")
+    state = {"model": model_state}
+    if with_optimizer:
+        if is_loading:
+            _init_optimizer_state(actor.optimizer)
+        state["optimizer"] = actor.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPT_META)
+    return state
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create zero Adam moments and step so a fresh optimizer has the structure the checkpoint fills in."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam step counter equal to its group's saved step.
+
+    megatron-core (without apex/TE) restores torch Adam's per-parameter `step` as ONE tensor shared by all
+    parameters (torch then advances it once per parameter per step) and, for an already initialised state,
+    leaves the per-parameter steps at their template value; either breaks Adam's bias correction on resume."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
+def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
+    """Write the actor's state under `root` as step_<actor.step>; returns the checkpoint folder."""
+    root = Path(root)
+    final = root / f"step_{actor.step:08d}"
+    tmp = root / (final.name + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=True), str(tmp))
+    torch.save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
+    if rank0:
+        meta = {
+            "step": actor.step,
+            "layout": _layout(actor),
+            "hf_config": actor.hf_config,
+            "scheduler": actor.scheduler.state_dict(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        torch.save(extra_state, tmp / "extra.pt")
+    dist.barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name)
+        os.replace(pointer, root / LATEST)
+    dist.barrier()
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a root whose `latest` names one."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json) and no '{LATEST}' pointer")
+    return path
+
+
+def _check_compatible(actor, folder: Path) -> None:
+    """Raise naming the first model tensor whose key or global shape the checkpoint does not match."""
+    saved = dist_checkpointing.load_tensors_metadata(str(folder))
+    wanted, _ = extract_sharded_tensors(actor.model.sharded_state_dict(prefix=""))
+    for item in wanted.values():
+        if not isinstance(item, ShardedTensor):
+            continue
+        if item.key not in saved:
+            raise CheckpointMismatchError(f"{folder}: the checkpoint has no tensor {item.key!r} (another model?)")
+        if tuple(saved[item.key].global_shape) != tuple(item.global_shape):
+            raise CheckpointMismatchError(
+                f"{folder}: tensor {item.key!r} has shape {tuple(saved[item.key].global_shape)} in the checkpoint, "
+                f"the model expects {tuple(item.global_shape)}"
+            )
+
+
+def load_checkpoint(actor, path: str | Path) -> dict:
+    """Restore the actor from a checkpoint (folder or root with `latest`); returns the saved extra state."""
+    folder = resolve_checkpoint(path)
+    meta = json.loads((folder / "meta.json").read_text())
+    _check_compatible(actor, folder)
+    same_layout = meta["layout"] == _layout(actor)
+    layout_free = not meta["layout"]["distributed_optimizer"] and not actor.cfg.parallel.use_distributed_optimizer
+    with_optimizer = same_layout or layout_free or _only_dp_changed(meta["layout"], _layout(actor))
+    if not with_optimizer:
+        logger.warning(
+            "%s: saved with %s, loading with %s: distributed-optimizer state does not reshard over TP/PP; "
+            "optimizer moments restart from zero",
+            folder, meta["layout"], _layout(actor),
+        )  # fmt: skip
+    state = dist_checkpointing.load(
+        _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder)
+    )
+    missing, unexpected = actor.model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointMismatchError(f"{folder}: no value for model tensor(s) {missing[:4]}")
+    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+        if with_optimizer:
+            actor.optimizer.load_state_dict(state["optimizer"])
+            _restore_adam_steps(actor.optimizer)
+        else:
+            actor.optimizer.reload_model_params()
+    actor.scheduler.load_state_dict(meta["scheduler"])
+    actor.step = meta["step"]
+    rng_file = folder / "rng" / f"rank{dist.get_rank()}.pt"
+    if same_layout and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    dist.barrier()
+    return torch.load(folder / "extra.pt", weights_only=False)
+
+
+def _only_dp_changed(saved: dict, current: dict) -> bool:
+    return all(saved[k] == current[k] for k in ("tp", "pp", "distributed_optimizer"))
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

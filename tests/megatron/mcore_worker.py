@@ -1,0 +1,139 @@
+"""One rank of a multi-process megatron test job (launched by test_megatron_actor.py with RANK/WORLD_SIZE/...).
+
+usage: python mcore_worker.py SCENARIO WORKDIR
+Reads the tiny HF checkpoints the test wrote under WORKDIR/hf_<family>, writes rank 0's results to
+WORKDIR/out/<name>.pt. Several parallel layouts run one after another in the same processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.config import load_config
+from fapo_megatron.megatron.actor import MegatronActor
+from fapo_megatron.megatron.checkpoint import CheckpointMismatchError
+
+WORKDIR = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def make_batch(seed: int = 0) -> TrainBatch:
+    """2 prompts x 4 rollouts, right-padded to 16 tokens, responses from position 4."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, seq = 8, 16
+    tokens = torch.randint(0, 128, (rows, seq), generator=gen)
+    lengths = torch.tensor([16, 11, 9, 16, 6, 13, 16, 10])
+    mask = torch.zeros(rows, seq)
+    for row in range(rows):
+        mask[row, 4 : lengths[row]] = 1.0
+    return TrainBatch(
+        tokens=tokens,
+        lengths=lengths,
+        response_mask=mask,
+        advantages=torch.randn(rows, generator=gen),
+        group_ids=torch.arange(rows) // 4,
+        rollout_logprobs=-torch.rand(rows, seq, generator=gen) * mask,
+    )
+
+
+def build(family: str, tp: int, pp: int, **extra) -> MegatronActor:
+    overrides = [
+        f"model.path={WORKDIR / ('hf_' + family)}",
+        "model.dtype=float32",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"cluster.devices_per_node={WORLD}",
+        "rollout.n=4",
+        "data.batch_size=2",
+        "algorithm.mini_batch_size=1",
+        "optim.lr=0.001",
+        "optim.warmup_steps=0",
+        "trainer.steps=4",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return MegatronActor(load_config(None, overrides))
+
+
+def emit(name: str, value) -> None:
+    if RANK == 0:
+        (WORKDIR / "out").mkdir(exist_ok=True)
+        torch.save(value, WORKDIR / "out" / f"{name}.pt")
+
+
+def exported(actor: MegatronActor) -> dict[str, torch.Tensor]:
+    return {name: t.clone().cpu() for bucket in actor.export_hf_weights(1 << 14) for name, t in bucket}
+
+
+def parity() -> None:
+    """Log-probs of both families under every layout of 4 ranks; export and offload round trips at TP2 x PP2."""
+    batch = make_batch()
+    for family in ("qwen2", "qwen3"):
+        for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            actor = build(family, tp, pp)
+            logprobs, entropy = actor.compute_logprobs(batch, temperature=0.7)
+            emit(f"parity_{family}_tp{tp}pp{pp}", {"logprobs": logprobs, "entropy": entropy})
+            if (tp, pp) == (2, 2):
+                emit(f"export_{family}", exported(actor))
+                actor.offload()
+                actor.onload()
+                emit(f"onload_{family}", actor.compute_logprobs(batch, temperature=0.7)[0])
+            actor.close()
+
+
+def train() -> None:
+    """One FAPO train step (two optimizer steps) under TP1, TP2 and PP2 from the same weights and data."""
+    batch = make_batch()
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        actor = build("qwen2", tp, pp, **{"algorithm.tis_cap": 2.0})
+        metrics = actor.train_step(batch)
+        emit(f"train_tp{tp}pp{pp}", {"metrics": metrics, "weights": exported(actor)})
+        actor.close()
+
+
+def checkpoint() -> None:
+    """Save at TP2 after one step, then load at TP1 and PP2; a wrong-shape model must name the tensor."""
+    batch = make_batch()
+    root = WORKDIR / "ckpt"
+    actor = build("qwen2", 2, 1)
+    actor.train_step(batch)
+    actor.save(root, {"data_position": 7})
+    emit("ckpt_tp2", actor.compute_logprobs(batch)[0])
+    emit("uninterrupted", actor.train_step(make_batch(1)))
+    actor.close()
+    for tp, pp in ((1, 1), (1, 2)):
+        actor = build("qwen2", tp, pp)
+        extra = actor.load(root)
+        emit(f"ckpt_load_tp{tp}pp{pp}", {"logprobs": actor.compute_logprobs(batch)[0], "extra": extra})
+        actor.close()
+    actor = build("qwen2_wide", 2, 1)
+    try:
+        actor.load(root)
+        emit("ckpt_mismatch", "loaded without error")
+    except CheckpointMismatchError as err:
+        emit("ckpt_mismatch", str(err))
+    actor.close()
+
+
+def crash() -> None:
+    """Train one step, checkpoint, then die without any clean-up (as a killed job would)."""
+    actor = build("qwen2", 2, 1)
+    actor.train_step(make_batch())
+    actor.save(WORKDIR / "crash_ckpt", {"data_position": 1})
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restart() -> None:
+    actor = build("qwen2", 2, 1)
+    extra = actor.load(WORKDIR / "crash_ckpt")
+    emit("restarted", {"metrics": actor.train_step(make_batch(1)), "extra": extra, "step": actor.step})
+    actor.close()
+
+
+if __name__ == "__main__":
+    {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}[sys.argv[1]]()

@@ -1,0 +1,189 @@
+"""Multi-process (gloo, CPU, fp32) checks of the megatron actor against HF transformers and a single-process step.
+
+Each job launches 2 or 4 ranks of mcore_worker.py, which run several parallel layouts in the same processes and
+leave rank 0's results in files; the assertions here compare them with independent references.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from fapo_megatron.algo import ppo_loss
+from fapo_megatron.models.registry import tiny_hf_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mcore_worker import make_batch  # noqa: E402
+
+WORKER = Path(__file__).parent / "mcore_worker.py"
+HF_CLASSES = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+
+
+def _hf_model(family: str, seed: int, **overrides) -> transformers.PreTrainedModel:
+    cfg = {k: v for k, v in tiny_hf_config(family, **overrides).items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(HF_CLASSES[family](**cfg), attn_implementation="eager")
+    with torch.no_grad():  # give norms and biases non-trivial values so that a wrong mapping shows
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.float().eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(scenario: str, world: int, workdir: Path, timeout: float = 240) -> list[int]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
+        log = open(workdir / f"{scenario}_rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(workdir)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+    return codes
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mcore")
+    _hf_model("qwen2", 1).save_pretrained(root / "hf_qwen2")
+    _hf_model("qwen3", 2).save_pretrained(root / "hf_qwen3")
+    _hf_model("qwen2", 3, hidden_size=96).save_pretrained(root / "hf_qwen2_wide")
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(workdir):
+    """Run a job once per module and return a reader of its outputs."""
+    done: set[str] = set()
+
+    def get(scenario: str, world: int, name: str, expect_codes=(0,)):
+        if scenario not in done:
+            codes = _launch(scenario, world, workdir)
+            logs = "\n".join((workdir / f"{scenario}_rank{r}.log").read_text()[-3000:] for r in range(world))
+            assert all(code in expect_codes for code in codes), f"{scenario} exit codes {codes}\n{logs}"
+            done.add(scenario)
+        return torch.load(workdir / "out" / f"{name}.pt", weights_only=False)
+
+    return get
+
+
+def _hf_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(batch.tokens).logits.float() / temperature
+    picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    valid = batch.attention_mask.clone()
+    valid[:, 0] = False
+    return torch.nn.functional.pad(picked, (1, 0)) * valid
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_logprobs_match_hf_under_tp_pp(results, workdir, family):
+    batch = make_batch()
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / f"hf_{family}").float().eval()
+    reference = _hf_logprobs(model, batch, temperature=0.7)
+    assert reference.abs().sum() > 0
+    for layout in ("tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2"):
+        got = results("parity", 4, f"parity_{family}_{layout}")
+        diff = (got["logprobs"] - reference).abs().max().item()
+        assert diff <= 1e-4, f"{family} {layout}: max |logprob - HF| = {diff}"
+        assert got["entropy"].min() >= 0 and got["entropy"].max() <= torch.log(torch.tensor(128.0)) + 1e-4
+    onloaded = results("parity", 4, f"onload_{family}")
+    assert torch.equal(onloaded, results("parity", 4, f"parity_{family}_tp2pp2")["logprobs"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_export_hf_weights_round_trips_exactly(results, workdir, family):
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / f"hf_{family}").float()
+    source = model.state_dict()
+    got = results("parity", 4, f"export_{family}")
+    tied = model.config.tie_word_embeddings
+    assert set(got) == set(source) - ({"lm_head.weight"} if tied else set())
+    for name, tensor in got.items():
+        assert torch.equal(tensor, source[name]), name
+    fresh = transformers.AutoModelForCausalLM.from_config(model.config)
+    missing, unexpected = fresh.load_state_dict(got, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+
+
+def _reference_train_step(workdir: Path, batch, lr=1e-3, weight_decay=0.1, clip=1.0) -> dict[str, torch.Tensor]:
+    """The same FAPO step in one process: HF model, torch AdamW with megatron's no-decay rule, global clip."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_qwen2").float().train()
+    old = _hf_logprobs(model, batch)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() == 1]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    )  # fmt: skip
+    for start in range(0, len(batch), 4):
+        rows = slice(start, start + 4)
+        mini = batch.select(rows)
+        optim.zero_grad()
+        logits = model(mini.tokens).logits.float()
+        picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, mini.tokens[:, 1:, None])[..., 0]
+        logprobs = torch.nn.functional.pad(picked, (1, 0))
+        loss, _ = ppo_loss(logprobs, old[rows], mini.advantages, mini.response_mask, tis_cap=2.0,
+                           rollout_logprobs=mini.rollout_logprobs, num_tokens=mini.num_response_tokens)  # fmt: skip
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optim.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_train_step_same_update_under_tp_pp(results, workdir):
+    batch = make_batch()
+    reference = _reference_train_step(workdir, batch)
+    initial = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_qwen2").float().state_dict()
+    runs = {layout: results("train", 2, f"train_{layout}") for layout in ("tp1pp1", "tp2pp1", "tp1pp2")}
+    for layout, run in runs.items():
+        moved = max((run["weights"][n] - initial[n]).abs().max().item() for n in run["weights"])
+        assert moved > 1e-4, f"{layout}: the step did not change the weights"
+        for name, tensor in run["weights"].items():
+            diff = (tensor - reference[name]).abs().max().item()
+            assert diff <= 1e-5, f"{layout}: {name} differs from the single-process step by {diff}"
+        metrics = run["metrics"]
+        assert metrics["optimizer_steps"] == 2 and metrics["lr"] == pytest.approx(1e-3)
+        assert metrics["grad_norm"] > 0 and 0 <= metrics["pg_clipfrac"] <= 1
+    assert runs["tp2pp1"]["metrics"]["loss"] == pytest.approx(runs["tp1pp1"]["metrics"]["loss"], abs=1e-5)
+
+
+def test_checkpoint_reshards_and_names_mismatch(results):
+    saved = results("checkpoint", 2, "ckpt_tp2")
+    for layout in ("tp1pp1", "tp1pp2"):
+        loaded = results("checkpoint", 2, f"ckpt_load_{layout}")
+        assert loaded["extra"] == {"data_position": 7}
+        diff = (loaded["logprobs"] - saved).abs().max().item()
+        assert diff <= 1e-5, f"TP2 checkpoint loaded at {layout}: log-probs differ by {diff}"
+    message = results("checkpoint", 2, "ckpt_mismatch")
+    assert "embedding.word_embeddings.weight" in message and "(128, 96)" in message, message
+
+
+def test_restart_after_kill_continues_exactly(results, workdir):
+    uninterrupted = results("checkpoint", 2, "uninterrupted")
+    codes = _launch("crash", 2, workdir)
+    assert codes == [-9, -9], codes
+    restarted = results("restart", 2, "restarted")
+    assert restarted["extra"] == {"data_position": 1} and restarted["step"] == 4
+    assert restarted["metrics"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
+    assert restarted["metrics"]["grad_norm"] == pytest.approx(uninterrupted["grad_norm"], rel=1e-5)
