@@ -1,0 +1,191 @@
+"""Throughput of the megatron actor's train_step.
+
+    python benchmarks/bench_actor.py                  # CPU: tiny Qwen2, tokens/s at TP1 (1 rank) vs TP2 (2 ranks)
+    python benchmarks/bench_actor.py --device cuda    # GPU: Qwen2.5-1.5B shape, bf16, seq 4096, local spec + SDPA,
+                                                      # tokens/s and MFU next to an HF transformers training step
+Both modes print a markdown table. Timed steps include forward, backward and the optimizer step; the GPU model
+has random weights (no checkpoint needed), and the HF baseline runs the same loss with torch AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN25_15B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+    "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "use_sliding_window": False,
+}  # fmt: skip
+
+
+def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):
+    from fapo_megatron.algo.batch import TrainBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(rows, seq)
+    mask[:, seq // 8 :] = 1.0
+    return TrainBatch(
+        tokens=torch.randint(0, vocab, (rows, seq), generator=gen),
+        lengths=torch.full((rows,), seq),
+        response_mask=mask,
+        advantages=torch.randn(rows, generator=gen),
+        group_ids=torch.arange(rows),
+        old_logprobs=-torch.rand(rows, seq, generator=gen) * mask,
+    )
+
+
+def train_flops_per_token(cfg: dict, seq: int) -> float:
+    """6 x matmul parameters (incl. the output projection) + causal attention scores and values, fwd + bwd."""
+    h, layers, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn
+    matmul_params = layers * per_layer + h * cfg["vocab_size"]
+    attention = layers * 6 * seq * h  # QK^T and AV, causal half, x3 for backward
+    return 6 * matmul_params + attention
+
+
+def _actor_config(hf_cfg: dict, rows: int, tp: int, world: int, device: str, dtype: str):
+    from fapo_megatron.config import load_config
+
+    return load_config(None, [
+        f"cluster.device={device}", f"cluster.devices_per_node={world}", f"parallel.tp={tp}", f"model.dtype={dtype}",
+        f"rollout.n=1", f"algorithm.mini_batch_size={rows}", f"data.batch_size={rows}", "optim.warmup_steps=0",
+        "optim.lr=0.00001",
+    ])  # fmt: skip
+
+
+def measure_actor(hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device: str, dtype: str, steps: int):
+    from fapo_megatron.megatron import platform
+    from fapo_megatron.megatron.actor import MegatronActor
+
+    actor = MegatronActor(_actor_config(hf_cfg, rows, tp, world, device, dtype), hf_config=hf_cfg)
+    batch = make_batch(rows, seq, hf_cfg["vocab_size"])
+    actor.train_step(batch)  # warm-up
+    platform.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        actor.train_step(batch)
+    platform.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": peak}
+
+
+def measure_hf(hf_cfg: dict, rows: int, seq: int, steps: int) -> dict:
+    import transformers
+
+    from fapo_megatron.algo import ppo_loss
+
+    cfg = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = model.cuda().train()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = make_batch(rows, seq, hf_cfg["vocab_size"]).to("cuda")
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        for row in range(rows):
+            tokens = batch.tokens[row : row + 1]
+            logits = model(tokens).logits.float()
+            picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+            logprobs = torch.nn.functional.pad(picked, (1, 0))
+            loss, _ = ppo_loss(logprobs, batch.old_logprobs[row : row + 1], batch.advantages[row : row + 1],
+                               batch.response_mask[row : row + 1], num_tokens=batch.num_response_tokens)  # fmt: skip
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_cpu(tp: int, world: int, args) -> dict:
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    port, procs = _free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)), PYTHONWARNINGS="ignore")  # fmt: skip
+        cmd = [sys.executable, __file__, "--worker", "--tp", str(tp), "--world", str(world), "--rows", str(args.rows),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--out", str(out)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL))
+    if any(p.wait() for p in procs):
+        raise RuntimeError(f"benchmark ranks failed for tp={tp} (rerun a rank by hand to see its error)")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rows", type=int, default=None, help="sequences per step (cpu 16, cuda 4)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (cpu 128, cuda 4096)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.rows = args.rows or (4 if args.device == "cuda" else 16)
+    args.seq = args.seq or (4096 if args.device == "cuda" else 128)
+    from fapo_megatron.models.registry import tiny_hf_config
+
+    if args.worker:
+        result = measure_actor(tiny_hf_config("qwen2"), args.rows, args.seq, args.tp, args.world, "cpu", "float32",
+                               args.steps)  # fmt: skip
+        if int(os.environ["RANK"]) == 0:
+            Path(args.out).write_text(json.dumps(result))
+        return
+    if args.device == "cpu":
+        print(f"CPU, tiny Qwen2 (2 layers, hidden 64), fp32, {args.rows} x {args.seq} tokens per train_step")
+        print("| layout | ranks | tokens/s | s/step |\n|---|---|---|---|")
+        for tp in (1, 2):
+            res = _launch_cpu(tp, tp, args)
+            print(f"| TP{tp} | {tp} | {res['tokens_per_s']:.0f} | {res['step_s']:.3f} |")
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    flops = train_flops_per_token(QWEN25_15B, args.seq)
+    rows = [("HF transformers (sdpa) + AdamW", measure_hf(QWEN25_15B, args.rows, args.seq, args.steps))]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    rows.append(("megatron actor (local spec + SDPA)",
+                 measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps)))  # fmt: skip
+    print(f"{torch.cuda.get_device_name()}, Qwen2.5-1.5B shape, bf16, {args.rows} x {args.seq} tokens per step, "
+          f"{flops / 1e9:.2f} GFLOP/token")  # fmt: skip
+    print("| implementation | tokens/s | model TFLOP/s | MFU | s/step | peak GB |\n|---|---|---|---|---|---|")
+    for name, res in rows:
+        tflops = res["tokens_per_s"] * flops / 1e12
+        print(f"| {name} | {res['tokens_per_s']:.0f} | {tflops:.0f} | {100 * tflops / args.peak_tflops:.1f} % | "
+              f"{res['step_s']:.2f} | {res['peak_gb']:.1f} |")  # fmt: skip
+    print(f"speed-up over HF: {rows[1][1]['tokens_per_s'] / rows[0][1]['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
