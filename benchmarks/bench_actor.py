@@ -59,12 +59,12 @@ def train_flops_per_token(cfg: dict, seq: int) -> float:
     return 6 * matmul_params + attention
 
 
-def _actor_config(hf_cfg: dict, rows: int, tp: int, world: int, device: str, dtype: str):
+def _actor_config(rows: int, tp: int, world: int, device: str, dtype: str):
     from fapo_megatron.config import load_config
 
     return load_config(None, [
         f"cluster.device={device}", f"cluster.devices_per_node={world}", f"parallel.tp={tp}", f"model.dtype={dtype}",
-        f"rollout.n=1", f"algorithm.mini_batch_size={rows}", f"data.batch_size={rows}", "optim.warmup_steps=0",
+        "rollout.n=1", f"algorithm.mini_batch_size={rows}", f"data.batch_size={rows}", "optim.warmup_steps=0",
         "optim.lr=0.00001",
     ])  # fmt: skip
 
@@ -73,7 +73,7 @@ def measure_actor(hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device
     from fapo_megatron.megatron import platform
     from fapo_megatron.megatron.actor import MegatronActor
 
-    actor = MegatronActor(_actor_config(hf_cfg, rows, tp, world, device, dtype), hf_config=hf_cfg)
+    actor = MegatronActor(_actor_config(rows, tp, world, device, dtype), hf_config=hf_cfg)
     batch = make_batch(rows, seq, hf_cfg["vocab_size"])
     actor.train_step(batch)  # warm-up
     platform.synchronize()
@@ -118,7 +118,8 @@ def measure_hf(hf_cfg: dict, rows: int, seq: int, steps: int) -> dict:
         step()
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
-    return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": peak}
 
 
 def _free_port() -> int:

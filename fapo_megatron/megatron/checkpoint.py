@@ -38,7 +38,8 @@ class CheckpointMismatchError(ValueError):
 
 def _layout(actor) -> dict:
     lay = actor.layout
-    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "distributed_optimizer": actor.cfg.parallel.use_distributed_optimizer}
+    distributed = actor.cfg.parallel.use_distributed_optimizer
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "distributed_optimizer": distributed}
 
 
 def _sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:

@@ -46,10 +46,7 @@ def init_model_parallel(tp: int, pp: int, seed: int) -> ParallelLayout:
     """Create megatron's process groups (once per process) and seed its RNG tracker."""
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (
-        tp,
-        pp,
-    ):
+    elif (current_layout().tp, current_layout().pp) != (tp, pp):
         raise RuntimeError("megatron process groups already exist with another tp/pp; one layout per process")
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
