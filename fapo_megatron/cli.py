@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "fapo_megatron.commands.train",
     "fapo_megatron.commands.demo",
     "fapo_megatron.commands.slurm",
+    "fapo_megatron.commands.eval_genrm",
 ]
 
 
