@@ -195,6 +195,9 @@ class OverlongConfig:
 class AlgorithmConfig:
     name: Literal["fapo", "grpo"] = "fapo"
     """fapo: flaw penalty from the GenRM; grpo: the same loop without GenRM (the baseline)."""
+    reward: Literal["outcome", "genrm_step"] = "outcome"
+    """outcome: the answer check (+ FAPO flaw penalty); genrm_step: train a GenRM, the policy's boxed step index
+    scored by the step-distance reward against the item's label (needs data.format=genrm_steps, name=grpo)."""
     lam: float = 1.0
     """Flaw penalty lambda: a flawed positive gets 1 - lambda."""
     clip_low: float = 0.2
@@ -236,8 +239,9 @@ class AlgorithmConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    format: Literal["arith", "dapo", "gsm8k", "math"] = "arith"
-    """Training data layout: synthetic arithmetic chains, DAPO-Math-17K jsonl, GSM8K or MATH jsonl."""
+    format: Literal["arith", "dapo", "gsm8k", "math", "genrm_steps"] = "arith"
+    """Training data layout: synthetic arithmetic chains, DAPO-Math-17K jsonl, GSM8K or MATH jsonl, or
+    ProcessBench-format step-labelled items for GenRM training (split with genrm.max_steps)."""
     train_path: str = ""
     """jsonl file of training prompts (unused for `arith`)."""
     val_path: str = ""
@@ -458,6 +462,13 @@ class Config:
         if self.genrm.placement == "separate" and self.genrm.backend in ("embedded", "sglang"):
             if self.cluster.genrm_devices == 0:
                 raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
+        if (self.algorithm.reward == "genrm_step") != (self.data.format == "genrm_steps"):
+            raise ConfigError(
+                f"algorithm.reward={self.algorithm.reward} with data.format={self.data.format}: GenRM training needs "
+                "both algorithm.reward=genrm_step and data.format=genrm_steps, other runs neither"
+            )
+        if self.algorithm.reward == "genrm_step" and self.algorithm.name != "grpo":
+            raise ConfigError("algorithm.reward=genrm_step trains the GenRM with plain GRPO: set algorithm.name=grpo")
         if self.algorithm.overlong.enable and self.algorithm.overlong.buffer > self.rollout.max_response_tokens:
             raise ConfigError(
                 f"algorithm.overlong.buffer={self.algorithm.overlong.buffer} exceeds "
