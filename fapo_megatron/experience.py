@@ -83,6 +83,8 @@ def grade_rollouts(
     genrm: GenRMConfig,
 ) -> GradedRollouts:
     """The reward side of one FAPO step (no GenRM when `judge` is None: plain GRPO)."""
+    if algorithm.reward == "genrm_step":
+        return grade_genrm_rollouts(items, generations, algorithm=algorithm, rollout=rollout)
     flawed, available, counts = judge_correct_rollouts(judge, items, generations, correct)
     group_ids = torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
     lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
@@ -134,6 +136,33 @@ def grade_rollouts(
         judge_counts=counts,
         metrics=metrics,
     )
+
+
+def grade_genrm_rollouts(
+    items: Sequence[PromptItem], generations: Sequence[Generation], *, algorithm: AlgorithmConfig,
+    rollout: RolloutConfig,
+) -> GradedRollouts:  # fmt: skip
+    """GenRM training: the rollouts are GenRM answers, rewarded by step distance to the label (+ overlong shaping)."""
+    from fapo_megatron.data.genrm_task import score_genrm_responses
+
+    scores = score_genrm_responses([items[g.prompt_index] for g in generations], [g.text for g in generations])
+    num, group_ids = len(generations), torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
+    lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
+    ov = algorithm.overlong
+    shaping = (overlong_penalty(lengths, rollout.max_response_tokens, ov.buffer, ov.penalty_factor)
+               if ov.enable and ov.buffer > 0 else torch.zeros(num))  # fmt: skip
+    rewards, keep = scores.rewards + shaping, torch.ones(num, dtype=torch.bool)
+    advantages = grpo_advantages(rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=keep)
+    metrics = {
+        "reward/mean": float(rewards.mean()), "reward/step_distance_mean": float(scores.rewards.mean()),
+        "reward/overlong_mean": float(shaping.mean()), "reward/accuracy": float(scores.exact.float().mean()),
+        "reward/flawed_positive_share": float("nan"),  # no flaw detector judges a GenRM's own answers
+        "reward/advantage_abs_mean": float(advantages.abs().mean()),
+        "response/length_mean": float(lengths.float().mean()), "response/length_max": float(lengths.max()),
+        "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / num, **scores.metrics,
+    }  # fmt: skip
+    return GradedRollouts(correct=scores.exact, flawed=torch.zeros(num, dtype=torch.bool), available=keep,
+                          rewards=rewards, keep=keep, advantages=advantages, group_ids=group_ids, metrics=metrics)
 
 
 def build_train_batch(

@@ -23,7 +23,7 @@ class RunData:
 
 
 def load_run_data(cfg: Config) -> RunData:
-    train, val = load_train_val(cfg.data)
+    train, val = load_train_val(cfg.data, genrm_max_steps=cfg.genrm.max_steps)
     if len(train) < cfg.data.batch_size:
         raise ValueError(f"data: {len(train)} training prompts, fewer than data.batch_size={cfg.data.batch_size}")
     monitor = None
@@ -58,6 +58,8 @@ def build_judge_for_run(cfg: Config, session) -> Judge | None:
     """
     from fapo_megatron.genrm.build import build_judge
 
+    if cfg.algorithm.reward == "genrm_step":
+        return None  # GenRM training: the policy is the GenRM, scored against labels
     backend = cfg.genrm.backend
     if backend in ("program", "external"):
         if cfg.algorithm.name == "grpo" and backend != "program":
