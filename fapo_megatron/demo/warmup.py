@@ -33,12 +33,12 @@ class WarmupConfig:
     num_items: int = 4000
     min_steps: int = 2
     max_steps: int = 3
-    max_value: int = 40
-    max_operand: int = 9
+    max_value: int = 20
+    max_operand: int = 5
     clean_share: float = 0.55
     flawed_share: float = 0.30
     """The rest are wrong-answer solutions."""
-    steps: int = 700
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
