@@ -572,6 +572,11 @@ def _coerce(hint, value, path: str):
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}={value!r} must be a number")
     if hint is str:
         if isinstance(value, str):

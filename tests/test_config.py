@@ -27,6 +27,10 @@ def test_override_changes_a_nested_value():
     assert cfg.trainer.output_dir == "/tmp/x"
 
 
+def test_exponent_without_dot_is_a_number():
+    assert load_config(None, ["optim.lr=5e-5"]).optim.lr == 5e-5
+
+
 def test_unknown_key_names_path_and_closest_names():
     with pytest.raises(ConfigError, match=r"unknown config key 'algorithm.clip_lo'.*did you mean clip_low"):
         load_config(None, ["algorithm.clip_lo=0.1"])
