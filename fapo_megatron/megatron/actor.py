@@ -195,10 +195,10 @@ class MegatronActor:
         output = model(item["tokens"], item["position_ids"], None)
         return output, partial(loss_func, item)
 
-    def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float):
+    def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float, entropy_grad: bool = False):
         targets = torch.nn.functional.pad(item["tokens"][:, 1:], (0, 1))
         logprobs, entropy = vocab_parallel_logprobs(
-            logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size
+            logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad
         )
         return align_to_tokens(logprobs), align_to_tokens(entropy)
 
@@ -291,7 +291,9 @@ class MegatronActor:
 
     def _ppo_loss_func(self, normaliser: int, token_mean: bool, item: dict, logits_BSV: torch.Tensor):
         algo = self.cfg.algorithm
-        logprobs, entropy = self._token_logprobs(item, logits_BSV, self.cfg.rollout.temperature)
+        logprobs, entropy = self._token_logprobs(
+            item, logits_BSV, self.cfg.rollout.temperature, entropy_grad=algo.entropy_coef > 0
+        )
         loss, metrics = ppo_loss(
             logprobs,
             item["old_logprobs"].float(),
