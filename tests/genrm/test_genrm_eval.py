@@ -161,7 +161,8 @@ def test_cli_over_http_with_split_and_limit(tmp_path):
     data = _write_data(tmp_path / "data", cases, problem_suffix=lambda answer: f" [[judge:{_directive(answer)}]]")
     out = tmp_path / "out"
     with StandinGenRM("openai") as server:
-        args = ["eval-genrm", str(REPO / "configs/genrm_eval_external.yaml"), f"genrm.url={server.url}", "genrm.api=openai",
+        args = ["eval-genrm", str(REPO / "configs/genrm_eval_external.yaml"), f"genrm.url={server.url}",
+                "genrm.api=openai",
                 "--data", str(data), "--output", str(out), "--split", "math", "--limit", "2", "--quiet"]
         assert main(args) == 0
         asked = len(server.requests)

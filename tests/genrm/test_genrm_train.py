@@ -77,7 +77,8 @@ def test_trainer_grading_uses_the_step_reward_and_group_advantages():
     assert torch.allclose(graded.advantages, advantages, atol=1e-5)
     assert graded.keep.all() and graded.correct.tolist() == [True, False, False, True, False]
     metrics = graded.metrics
-    assert metrics["reward/step_distance_mean"] == pytest.approx(0.5 / 5) and metrics["reward/accuracy"] == pytest.approx(0.4)
+    assert metrics["reward/step_distance_mean"] == pytest.approx(0.5 / 5)
+    assert metrics["reward/accuracy"] == pytest.approx(0.4)
     assert metrics["reward/overlong_mean"] == pytest.approx(-1 / 5)
     assert math.isnan(metrics["reward/flawed_positive_share"])  # not defined for a GenRM's own answers
 
