@@ -270,14 +270,10 @@ class MegatronActor:
 
     def _train_mini_batch(self, mini: TrainBatch) -> dict[str, float]:
         lay, algo = self.layout, self.cfg.algorithm
-        if len(mini) % (lay.dp * self.cfg.parallel.micro_batch_size):
-            raise ValueError(
-                f"a mini-batch of {len(mini)} rollouts does not split over dp={lay.dp} x "
-                f"micro_batch_size={self.cfg.parallel.micro_batch_size}"
-            )
         token_mean = algo.loss_agg_mode == "token-mean"
         normaliser = mini.num_response_tokens if token_mean else mini.num_response_sequences
-        micro, seq, _ = self._micro_batches(mini, 1)
+        # Rollouts dropped by the unavailable-verdict policy leave uneven mini-batches: pad with uncounted rows.
+        micro, seq, _ = self._micro_batches(mini, lay.dp * self.cfg.parallel.micro_batch_size)
         loss_func = partial(self._ppo_loss_func, max(normaliser, 1), token_mean)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -1,0 +1,136 @@
+"""End to end on CPU: 2 gloo actor ranks (TP=2), local Ray, embedded engines, the program step checker as GenRM."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fapo_megatron.config import load_config
+from fapo_megatron.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def warm_policy(tmp_path_factory):
+    """A tiny arithmetic policy after a short warm-up: it answers some problems right, some with flaws."""
+    from fapo_megatron.demo.warmup import WarmupConfig, warm_up
+
+    return warm_up(tmp_path_factory.mktemp("policy"), WarmupConfig(steps=250, num_items=1500), progress=False)
+
+
+def _train(out: Path, policy: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run `fapo-megatron train` in its own process, as a user would."""
+    overrides = [f"model.path={policy}", f"trainer.output_dir={out}", "trainer.progress=false", "data.batch_size=4",
+                 "algorithm.mini_batch_size=2", "parallel.micro_batch_size=4", "trainer.val_interval=0", *extra]
+    return subprocess.run([sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def fapo_run(warm_policy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fapo")
+    _ok(_train(out, warm_policy, "trainer.steps=3", "trainer.checkpoint_interval=2"))
+    return out
+
+
+def test_metrics_present_and_sane(fapo_run):
+    records = read_metrics(fapo_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    rollouts = 4 * 8  # data.batch_size x rollout.n
+    for r in records:
+        for key in ("reward/accuracy", "reward/flawed_positive_share", "reward/mean", "actor/grad_norm",
+                    "actor/pg_clipfrac", "actor/entropy", "actor/lr", "progress/mean_rho", "response/length_mean",
+                    "time/rollout", "time/genrm", "time/logprobs", "time/update", "time/weight_sync",
+                    "perf/tokens_per_second", "genrm/asked"):
+            assert key in r and r[key] is not None and math.isfinite(r[key]), key
+        assert 0.0 <= r["reward/accuracy"] <= 1.0 and -2.0 <= r["reward/mean"] <= 1.0
+        # The GenRM is asked about the rollouts with a correct answer, and only those.
+        assert r["genrm/asked"] == pytest.approx(r["reward/accuracy"] * rollouts)
+        assert r["genrm/flawed"] + r["genrm/clean"] == r["genrm/asked"]
+        assert r["actor/grad_norm"] > 0
+        # After each weight push the engine samples with the actor's weights: its log-probs match the actor's.
+        assert r["actor/rollout_logprob_abs_diff"] < 1e-4
+    assert sum(r["genrm/asked"] for r in records) > 0, "the warmed-up policy never answered right"
+    assert (fapo_run / "tensorboard").is_dir() and any((fapo_run / "tensorboard").iterdir())
+
+
+def test_parameters_changed(fapo_run, warm_policy, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "fapo_megatron", "convert", "megatron-to-hf", "--ckpt",
+                           str(fapo_run / "checkpoints"), "--out", str(out), "--hf-config-from", str(warm_policy),
+                           "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before = load_file(warm_policy / "model.safetensors")
+    after = {}
+    for shard in out.glob("*.safetensors"):
+        after.update(load_file(shard))
+    assert set(before) == set(after)
+    changed = [name for name in before if not (before[name].float() - after[name].float()).abs().max() == 0]
+    assert len(changed) == len(before), f"unchanged after 3 steps: {sorted(set(before) - set(changed))}"
+
+
+def test_resume_matches_uninterrupted_run(fapo_run, warm_policy, tmp_path):
+    """Stop after the step-2 checkpoint, resume: step 3 equals step 3 of the run that never stopped."""
+    out = tmp_path / "resumed"
+    _ok(_train(out, warm_policy, "trainer.steps=2", "trainer.checkpoint_interval=2"))
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    _ok(_train(out, warm_policy, "trainer.steps=3", "trainer.checkpoint_interval=2", "trainer.resume=auto"))
+    resumed = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    straight = {r["step"]: r for r in read_metrics(fapo_run / "metrics.jsonl")}
+    assert sorted(resumed) == [1, 2, 3]
+    for key in ("actor/pg_loss", "reward/mean", "reward/accuracy", "actor/grad_norm"):
+        assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-5, abs=1e-7), key
+
+
+def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
+    """An external GenRM that refuses every call: the run goes on and counts each missing verdict."""
+    out = tmp_path / "outage"
+    _ok(_train(out, warm_policy, "trainer.steps=2", "genrm.backend=external", "genrm.url=http://127.0.0.1:9",
+               "genrm.retries=0", "genrm.deadline_s=20", "genrm.unavailable_policy=treat_as_flawed"))
+    records = read_metrics(out / "metrics.jsonl")
+    for r in records:
+        assert r["genrm/unavailable"] + r["genrm/errors"] + r["genrm/timed_out"] == r["genrm/asked"]
+        assert r["genrm/flawed"] == 0 and r["genrm/clean"] == 0
+        assert r["reward/num_unavailable"] == r["genrm/asked"]
+    assert sum(r["genrm/asked"] for r in records) > 0
+
+
+def test_genrm_outage_with_fail_policy_stops_the_run(warm_policy, tmp_path):
+    proc = _train(tmp_path / "fail", warm_policy, "trainer.steps=2", "genrm.backend=external",
+                  "genrm.url=http://127.0.0.1:9", "genrm.retries=0", "genrm.unavailable_policy=fail")
+    assert proc.returncode != 0
+    assert "unavailable" in (proc.stderr + proc.stdout).lower()
+
+
+def test_flaw_penalty_only_in_fapo(fapo_run, warm_policy, tmp_path):
+    """FAPO: reward = outcome + overlong - lambda x flawed; GRPO (same loop): flawed positives keep their +1."""
+    rollouts = 4 * 8
+    for r in read_metrics(fapo_run / "metrics.jsonl"):
+        expected = r["reward/outcome_mean"] + r["reward/overlong_mean"] - r["genrm/flawed"] / rollouts
+        assert r["reward/mean"] == pytest.approx(expected, abs=1e-5)
+    out = tmp_path / "grpo"
+    _ok(_train(out, warm_policy, "trainer.steps=2", "algorithm.name=grpo"))
+    records = read_metrics(out / "metrics.jsonl")
+    assert sum(r["genrm/flawed"] for r in records) > 0, "no flawed positive to tell GRPO from FAPO"
+    for r in records:
+        assert r["reward/mean"] == pytest.approx(r["reward/outcome_mean"] + r["reward/overlong_mean"], abs=1e-5)
+
+
+def test_config_mismatch_fails_before_work(tmp_path):
+    cfg_error = subprocess.run([sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), "parallel.tp=3"],
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert cfg_error.returncode == 2 and "parallel.tp=3" in cfg_error.stderr
+    with pytest.raises(Exception, match="trainer.stepz"):
+        load_config(CONFIG, ["trainer.stepz=3"])
