@@ -12,7 +12,10 @@ from fapo_megatron.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-GPU_CONFIGS = [path for path in CONFIGS if load_config(path).cluster.device == "cuda"]
+# Training recipes for GPUs; genrm_eval_* configs only serve a judge to `eval-genrm` and train nothing.
+GPU_CONFIGS = [
+    path for path in CONFIGS if load_config(path).cluster.device == "cuda" and not path.name.startswith("genrm_eval_")
+]
 
 
 def test_parameter_counts_match_the_model_cards():
