@@ -33,7 +33,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter / compute dtype of the actor (float32 on CPU)."""
     megatron_checkpoint: str = ""
-    """Megatron distributed checkpoint to start from instead of `path`'s safetensors."""
+    """Megatron distributed checkpoint to start from instead of `path`'s safetensors: an actor checkpoint (folder or
+    root with `latest`) or a `convert hf-to-megatron` output (weights only: optimizer, schedule and step start
+    fresh). With `path` empty, the model's HF config comes from the checkpoint's meta.json."""
 
     def __post_init__(self):
         _check_choice("model.tiny", self.tiny, ("llama", "qwen2", "qwen3"))

@@ -45,12 +45,14 @@ class MegatronActor:
         par = cfg.parallel
         platform.setup(cfg.cluster.device)
         self.layout = mcore.init_model_parallel(par.tp, par.pp, cfg.trainer.seed)
-        if hf_config is None:
-            hf_config = (
-                json.loads((Path(cfg.model.path) / "config.json").read_text())
-                if cfg.model.path
-                else registry.tiny_hf_config(cfg.model.tiny)
-            )
+        if hf_config is None and cfg.model.path:
+            hf_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        elif hf_config is None and cfg.model.megatron_checkpoint:
+            from fapo_megatron.megatron.checkpoint import checkpoint_hf_config
+
+            hf_config = checkpoint_hf_config(cfg.model.megatron_checkpoint)
+        elif hf_config is None:
+            hf_config = registry.tiny_hf_config(cfg.model.tiny)
         self.hf_config = hf_config
         self.spec = registry.model_spec(hf_config)
         self.mapping = dataclasses.replace(

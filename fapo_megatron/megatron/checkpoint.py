@@ -10,6 +10,8 @@ A checkpoint is written into `step_N.tmp` and renamed when every rank has finish
 half-written checkpoint behind `latest`. Model weights reshard to any TP/PP on load; optimizer state reshards
 over DP, and also over TP/PP when the non-distributed optimizer wrote it (the distributed optimizer's
 dp-reshardable format is tied to its TP/PP layout: such a load restarts the optimizer moments, and says so).
+A checkpoint whose meta.json says `weights_only` (what `fapo-megatron convert hf-to-megatron` writes) holds only the
+model: loading it sets the weights and leaves optimizer, LR schedule, RNG and step as a fresh actor has them.
 """
 
 from __future__ import annotations
@@ -122,6 +124,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def checkpoint_hf_config(path: str | Path) -> dict:
+    """The HF config.json contents a checkpoint (folder or root) was written for, from its meta.json."""
+    folder = resolve_checkpoint(path)
+    meta = json.loads((folder / "meta.json").read_text())
+    if not meta.get("hf_config"):
+        raise KeyError(f"{folder / 'meta.json'}: no 'hf_config' entry")
+    return meta["hf_config"]
+
+
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
 def _check_compatible(actor, folder: Path) -> None:
     """Raise naming the first model tensor whose key or global shape the checkpoint does not match."""
     saved = dist_checkpointing.load_tensors_metadata(str(folder))
@@ -131,18 +145,55 @@ def _check_compatible(actor, folder: Path) -> None:
             continue
         if item.key not in saved:
             raise CheckpointMismatchError(f"{folder}: the checkpoint has no tensor {item.key!r} (another model?)")
-        if tuple(saved[item.key].global_shape) != tuple(item.global_shape):
-            raise CheckpointMismatchError(
-                f"{folder}: tensor {item.key!r} has shape {tuple(saved[item.key].global_shape)} in the checkpoint, "
-                f"the model expects {tuple(item.global_shape)}"
+        saved_shape, shape = tuple(saved[item.key].global_shape), tuple(item.global_shape)
+        if saved_shape == shape:
+            continue
+        hint = ""
+        if item.key in _VOCAB_KEYS and saved_shape[1:] == shape[1:]:
+            hint = (
+                f" (vocabulary padding differs: the actor pads vocab_size={actor.spec.vocab_size} to {shape[0]} rows "
+                f"for tp={actor.layout.tp}, registry.ModelSpec.padded_vocab_size; convert with the default "
+                f"--vocab-divisible-by or a matching one)"
             )
+        raise CheckpointMismatchError(
+            f"{folder}: tensor {item.key!r} has shape {saved_shape} in the checkpoint, the model expects {shape}{hint}"
+        )
+
+
+def _load_model(actor, folder: Path, *, with_optimizer: bool) -> dict:
+    """Load the model (and optionally optimizer) state into the actor; returns the loaded state dict."""
+    state = dist_checkpointing.load(
+        _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder)
+    )
+    missing, _ = actor.model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointMismatchError(f"{folder}: no value for model tensor(s) {missing[:4]}")
+    return state
+
+
+def _load_weights_only(actor, folder: Path, meta: dict) -> dict:
+    """Model weights from a weights-only checkpoint; the optimizer's main params follow, nothing else changes."""
+    _load_model(actor, folder, with_optimizer=False)
+    with torch.no_grad():  # fp32 main params are views of (or copies of) the model's leaf parameters
+        actor.optimizer.reload_model_params()
+    logger.info(
+        "%s: weights-only checkpoint (converted from %s): model weights loaded; optimizer state, LR schedule, "
+        "RNG and step start fresh (step %d)",
+        folder, meta.get("converted_from", "?"), actor.step,
+    )  # fmt: skip
+    dist.barrier()
+    return {}
 
 
 def load_checkpoint(actor, path: str | Path) -> dict:
-    """Restore the actor from a checkpoint (folder or root with `latest`); returns the saved extra state."""
+    """Restore the actor from a checkpoint (folder or root with `latest`); returns the saved extra state ({} for a
+    weights-only checkpoint, which restores the model weights only)."""
     folder = resolve_checkpoint(path)
     meta = json.loads((folder / "meta.json").read_text())
     _check_compatible(actor, folder)
+    if meta.get("weights_only"):
+        return _load_weights_only(actor, folder, meta)
     same_layout = meta["layout"] == _layout(actor)
     layout_free = not meta["layout"]["distributed_optimizer"] and not actor.cfg.parallel.use_distributed_optimizer
     with_optimizer = same_layout or layout_free or _only_dp_changed(meta["layout"], _layout(actor))
@@ -152,13 +203,7 @@ def load_checkpoint(actor, path: str | Path) -> dict:
             "optimizer moments restart from zero",
             folder, meta["layout"], _layout(actor),
         )  # fmt: skip
-    state = dist_checkpointing.load(
-        _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder)
-    )
-    missing, unexpected = actor.model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointMismatchError(f"{folder}: no value for model tensor(s) {missing[:4]}")
+    state = _load_model(actor, folder, with_optimizer=with_optimizer)
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         if with_optimizer:
             actor.optimizer.load_state_dict(state["optimizer"])
