@@ -29,6 +29,7 @@ from fapo_megatron.data.arith import make_arith_items
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
 from fapo_megatron.data.genrm_task import load_genrm_items
 from fapo_megatron.data.templates import encode_prompt
+from fapo_megatron.demo.warmup import sft_batch
 from fapo_megatron.genrm.prompt import split_steps
 from fapo_megatron.metrics import read_metrics
 
@@ -74,12 +75,7 @@ def format_warm_up(out_dir: Path, data_path: Path, *, steps: int = 120, seed: in
             guess = rng.randrange(-1, item.meta["num_steps"])
             answer = tokenizer(f"\\boxed{{{guess}}}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             batch.append((prompt + answer, len(prompt)))
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        for row, (ids, prompt_len) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        input_ids, labels = sft_batch(batch, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=input_ids != tokenizer.pad_token_id, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

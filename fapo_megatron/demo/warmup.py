@@ -85,6 +85,17 @@ def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
     return examples
 
 
+def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, labels) of (token ids, prompt length) pairs; only answer tokens are labelled."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    for row, (ids, prompt_len) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+    return input_ids, labels
+
+
 def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: bool = True) -> Path:
     """Train the tiny policy and save it to `out_dir` (reused as is when it already holds this config's result)."""
     from tqdm import tqdm
@@ -107,13 +118,7 @@ def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: b
     bar = tqdm(range(cfg.steps), desc="warm-up (SFT)", disable=not progress, unit="step")
     model.train()
     for _ in bar:
-        batch = rng.sample(examples, cfg.batch_size)
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        for row, (ids, prompt_len) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        input_ids, labels = sft_batch(rng.sample(examples, cfg.batch_size), tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id),
                      labels=labels).loss
         optimizer.zero_grad()

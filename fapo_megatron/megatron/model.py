@@ -105,7 +105,7 @@ def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtyp
         clip_grad=optim.clip_grad,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        params_dtype={"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype],
+        params_dtype=getattr(torch, dtype),
         use_distributed_optimizer=distributed,
     )
     return get_megatron_optimizer(config, [ddp_model])

@@ -218,7 +218,7 @@ def transformer_config(
         raise ValueError(f"{spec.architecture}: {spec.num_layers} layers do not split over pp={pp}")
     if spec.num_query_groups % tp != 0:
         raise ValueError(f"{spec.architecture}: {spec.num_query_groups} KV heads do not split over tp={tp}")
-    params_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    params_dtype = getattr(torch, dtype)
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
