@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "fapo_megatron.commands.demo",
     "fapo_megatron.commands.slurm",
     "fapo_megatron.commands.eval_genrm",
+    "fapo_megatron.commands.bench",
 ]
 
 
