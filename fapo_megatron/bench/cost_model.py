@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fapo_megatron.bench.flops import forward_flops_per_token, train_flops_per_token
-from fapo_megatron.cluster.sizing import SHAPES, ModelShape, resolve_shape, uses_genrm_model
+from fapo_megatron.cluster.sizing import ModelShape, resolve_shape, uses_genrm_model
 from fapo_megatron.config import Config, ConfigError, load_config
 
 PHASES = ("rollout", "genrm", "logprobs", "update", "weight_sync")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("run", help="a short training run from a config, then its breakdown")
     p.add_argument("config", help="YAML config file, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides; they win over --steps / --output-dir")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, right after CONFIG (before any --flag); they win "
+                   "over --steps / --output-dir")
     p.add_argument("--steps", type=int, default=4, help="trainer.steps of the benchmark run (default 4)")
     p.add_argument("--output-dir", default="", help="run folder (default runs/bench_<config name>); started afresh")
     _breakdown_args(p)
@@ -91,7 +93,7 @@ def run_predict(args) -> int:
         assumptions = cm.assumptions_with(assumptions, cm.load_assumptions(args.assumptions))
     assumptions = cm.assumptions_with(assumptions, dict(_number_pair(item) for item in args.set))
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    out = {"assumptions": cm.dataclasses.asdict(assumptions), "predictions": {}}
+    out = {"assumptions": dataclasses.asdict(assumptions), "predictions": {}}
     for name, cfg in _configs(args):
         policy, genrm = cm.shapes_for(cfg)
         pred = cm.predict(cfg, assumptions, policy, genrm, name=name)
@@ -102,7 +104,7 @@ def run_predict(args) -> int:
         if genrm is not None and cfg.genrm.placement == "colocated":
             rows = genrm_frontier(cfg, assumptions, policy, genrm, budgets, args.genrm_target)
             print(format_frontier(name, rows, assumptions, genrm, args.genrm_target))
-            record["genrm_frontier"] = [cm.dataclasses.asdict(r) for r in rows]
+            record["genrm_frontier"] = [dataclasses.asdict(r) for r in rows]
         print()
         out["predictions"][name] = record
     if args.json:
