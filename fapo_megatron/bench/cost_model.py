@@ -18,7 +18,9 @@ for its longest generation, which ends after the bulk at that rate. prefill = pr
 prefill_mfu. recompute = 4/3 under full activation recomputation (one more forward). V, V_max: mean and longest
 GenRM output, capped by genrm.max_new_tokens. FLOPs per token: bench/flops.py.
 The defaults below are the project's measurements (benchmarks/RESULTS.md, PLATFORM.md) or FAPO.md's numbers;
-each can be replaced by a run's measurement (`bench breakdown` writes them under "measured").
+each can be replaced by a run's measurement (`bench breakdown` writes them under "measured"). A run's measured
+rollout / GenRM rate is the phase's effective rate (its tail included), so fed back here it counts the tail twice
+and gives an upper bound on the phase time.
 """
 
 from __future__ import annotations
