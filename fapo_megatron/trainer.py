@@ -133,6 +133,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         metrics["perf/step_seconds"] = elapsed
         metrics["perf/tokens_per_second"] = response_tokens / elapsed if elapsed > 0 else 0.0
+        metrics["perf/response_tokens"] = float(response_tokens)
+        metrics["perf/prompt_tokens"] = float(batch.lengths.sum()) - response_tokens  # of the rollouts trained on
         bar.set_postfix_str(
             f"step {self.step + 1}: acc {metrics['reward/accuracy']:.2f} "
             f"flawed {metrics['reward/flawed_positive_share']:.2f}"
