@@ -7,6 +7,7 @@ checkpoint is meant for, and that is fixed when the model is built.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -33,8 +34,9 @@ def init_single_process() -> None:
     mcore.init_model_parallel(1, 1, seed=0)
 
 
-def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int):
-    """An uninitialised TP=1/PP=1 GPTModel (local layer spec), all parameters in `dtype`, in eval mode."""
+def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int, meta: bool = False):
+    """An uninitialised TP=1/PP=1 GPTModel (local layer spec), all parameters in `dtype`, in eval mode; with `meta`
+    its parameters have shapes but no storage (enough for the checkpoint layout of `sharded_state_dict()`)."""
     from megatron.core.models.gpt import GPTModel
 
     init_single_process()
@@ -43,38 +45,53 @@ def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vo
     )
     kwargs = registry.gpt_model_kwargs(model_spec, tp=1)
     kwargs["vocab_size"] = padded_vocab_size
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=registry.layer_spec(model_spec, "local"),
-        pre_process=True,
-        post_process=True,
-        **kwargs,
-    )
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=registry.layer_spec(model_spec, "local"),
+            pre_process=True,
+            post_process=True,
+            **kwargs,
+        )
     # Norm modules ignore params_dtype (training wraps them in Float16Module); one dtype keeps exports exact.
-    return model.to(device=platform.device(), dtype=dtype).eval()
+    return model.to(device=None if meta else platform.device(), dtype=dtype).eval()
 
 
-def fill_from_hf(
-    model, read_hf: Callable[[str], torch.Tensor], spec: hf_mapping.MappingSpec, on_tensor: Callable | None = None
+def save_from_hf(
+    model_spec: registry.ModelSpec,
+    spec: hf_mapping.MappingSpec,
+    read_hf: Callable[[str], torch.Tensor],
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    on_tensor: Callable | None = None,
 ) -> None:
-    """Copy HF tensors into the model's parameters one mapping at a time (the HF side is read lazily)."""
-    params = model.state_dict()
-    for mapping in hf_mapping.build_mappings(spec):
+    """Write the distributed checkpoint of an HF model without holding the model: each megatron tensor is made
+    from its HF tensors (read lazily) while it is written, so memory stays near the largest tensor."""
+    from fapo_megatron.megatron.lazy_save import save_lazily
+
+    model = build_model(model_spec, dtype=dtype, padded_vocab_size=spec.padded_vocab_size, meta=True)
+    mappings = {m.megatron_name: m for m in hf_mapping.build_mappings(spec)}
+    params = {name for name, _ in model.named_parameters()}
+    if set(mappings) != params:
+        unmapped, unknown = sorted(params - set(mappings)), sorted(set(mappings) - params)
+        raise hf_mapping.MappingError(
+            f"megatron model and mapping disagree: parameters without a mapping {unmapped[:4]}, "
+            f"mapped names the model lacks {unknown[:4]}"
+        )
+
+    def make(name: str) -> torch.Tensor:
+        mapping = mappings[name]
         full = hf_mapping.to_megatron(mapping, tuple(read_hf(n) for n in mapping.hf_names), spec)
-        target = params.get(mapping.megatron_name)
-        if target is None:
-            raise hf_mapping.MappingError(f"megatron model has no parameter {mapping.megatron_name!r}")
-        if target.shape != full.shape:
-            raise hf_mapping.MappingError(
-                f"{mapping.megatron_name}: converted shape {tuple(full.shape)} != model shape {tuple(target.shape)}"
-            )
-        target.copy_(full)
         if on_tensor:
             on_tensor(mapping, full)
+        return full
+
+    save_lazily(model, folder, make, dtype)
 
 
 def save_checkpoint(model, folder: str | Path) -> None:
-    """Write the model's weights as a megatron-core distributed checkpoint (torch_dist format)."""
+    """Write an in-memory model's weights as a megatron-core distributed checkpoint (torch_dist format)."""
     from megatron.core import dist_checkpointing
 
     Path(folder).mkdir(parents=True, exist_ok=True)

@@ -147,13 +147,12 @@ def hf_to_megatron(
     check_hf_names(reader, spec)
     partial = _prepare_out(out_dir)
     start = time.perf_counter()
-    model = megatron_io.build_model(model_spec, dtype=reader.dtype(), padded_vocab_size=spec.padded_vocab_size)
     reader.bytes_read = 0
     with _progress(reader.total_bytes(), "hf -> megatron", progress) as bar:
-        megatron_io.fill_from_hf(model, reader.get, spec, on_tensor=lambda *_: bar.update(reader.bytes_read - bar.n))
-    megatron_io.save_checkpoint(model, partial)
-    del model
-    gc.collect()
+        megatron_io.save_from_hf(
+            model_spec, spec, reader.get, partial, dtype=reader.dtype(),
+            on_tensor=lambda *_: bar.update(reader.bytes_read - bar.n),
+        )  # fmt: skip
     hf_io.copy_aux_files(hf_dir, partial / HF_SUBDIR)
     _write_meta(partial, hf_io.read_config(hf_dir), hf_dir, tp=tp, pp=pp)
     _finish_out(partial, out_dir)
