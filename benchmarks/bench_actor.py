@@ -122,6 +122,29 @@ def measure_hf(hf_cfg: dict, rows: int, seq: int, steps: int) -> dict:
     return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": peak}
 
 
+_TRANSFORMER_CONFIG = None
+
+
+def _without_jit_fusions(undo: bool = False) -> None:
+    """Ablation: the actor with megatron's SwiGLU / bias-dropout-add fusions switched off."""
+    import functools
+
+    from fapo_megatron.models import registry
+
+    global _TRANSFORMER_CONFIG
+    torch.cuda.empty_cache()
+    if undo:
+        registry.transformer_config = _TRANSFORMER_CONFIG
+        return
+    _TRANSFORMER_CONFIG = registry.transformer_config
+
+    def unfused(*args, **kwargs):
+        kwargs.update(bias_activation_fusion=False, bias_dropout_fusion=False)
+        return _TRANSFORMER_CONFIG(*args, **kwargs)
+
+    registry.transformer_config = functools.wraps(_TRANSFORMER_CONFIG)(unfused)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,6 +172,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (cpu 128, cuda 4096)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--without-fusions", action="store_true", help="cuda: also time the actor without jit fusions")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -176,7 +200,12 @@ def main() -> None:
     rows = [("HF transformers (sdpa) + AdamW", measure_hf(QWEN25_15B, args.rows, args.seq, args.steps))]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    rows.append(("megatron actor (local spec + SDPA)",
+    if args.without_fusions:
+        _without_jit_fusions()
+        rows.append(("megatron actor without jit fusions",
+                     measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps)))  # fmt: skip
+        _without_jit_fusions(undo=True)
+    rows.append(("megatron actor (local spec + SDPA, jit-fused SwiGLU / bias-dropout-add)",
                  measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps)))  # fmt: skip
     print(f"{torch.cuda.get_device_name()}, Qwen2.5-1.5B shape, bf16, {args.rows} x {args.seq} tokens per step, "
           f"{flops / 1e9:.2f} GFLOP/token")  # fmt: skip
@@ -185,7 +214,8 @@ def main() -> None:
         tflops = res["tokens_per_s"] * flops / 1e12
         print(f"| {name} | {res['tokens_per_s']:.0f} | {tflops:.0f} | {100 * tflops / args.peak_tflops:.1f} % | "
               f"{res['step_s']:.2f} | {res['peak_gb']:.1f} |")  # fmt: skip
-    print(f"speed-up over HF: {rows[1][1]['tokens_per_s'] / rows[0][1]['tokens_per_s']:.2f}x")
+    for name, res in rows[1:]:
+        print(f"speed-up over HF ({name}): {res['tokens_per_s'] / rows[0][1]['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class MegatronActor:
             sequence_parallel=par.sequence_parallel,
             initialize_weights=not cfg.model.path,
             calculate_per_token_loss=True,
+            # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
+            bias_activation_fusion=not platform.on_cpu(),
+            bias_dropout_fusion=not platform.on_cpu(),
         )
         self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
         if cfg.model.path:
