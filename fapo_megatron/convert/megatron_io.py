@@ -8,9 +8,11 @@ checkpoint is meant for, and that is fixed when the model is built.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -67,8 +69,9 @@ def save_from_hf(
     on_tensor: Callable | None = None,
 ) -> None:
     """Write the distributed checkpoint of an HF model without holding the model: each megatron tensor is made
-    from its HF tensors (read lazily) while it is written, so memory stays near the largest tensor."""
-    from fapo_megatron.megatron.lazy_save import save_lazily
+    from its HF tensors (read lazily) when the writer reaches it, so memory stays near two of the largest tensor.
+    `read_hf` and `on_tensor` are called from one thread at a time, not always the caller's."""
+    from fapo_megatron.megatron.streaming_checkpoint import save_lazily
 
     model = build_model(model_spec, dtype=dtype, padded_vocab_size=spec.padded_vocab_size, meta=True)
     mappings = {m.megatron_name: m for m in hf_mapping.build_mappings(spec)}
@@ -80,11 +83,14 @@ def save_from_hf(
             f"mapped names the model lacks {unknown[:4]}"
         )
 
+    one_at_a_time = threading.Lock()  # the writer's two threads overlap reading one tensor with writing another
+
     def make(name: str) -> torch.Tensor:
         mapping = mappings[name]
-        full = hf_mapping.to_megatron(mapping, tuple(read_hf(n) for n in mapping.hf_names), spec)
-        if on_tensor:
-            on_tensor(mapping, full)
+        with one_at_a_time:
+            full = hf_mapping.to_megatron(mapping, tuple(read_hf(n) for n in mapping.hf_names), spec)
+            if on_tensor:
+                on_tensor(mapping, full)
         return full
 
     save_lazily(model, folder, make, dtype)
@@ -96,6 +102,24 @@ def save_checkpoint(model, folder: str | Path) -> None:
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(folder))
+
+
+def read_checkpoint(
+    model_spec: registry.ModelSpec, spec: hf_mapping.MappingSpec, folder: str | Path, *, dtype: torch.dtype
+) -> Iterator[tuple[hf_mapping.TensorMapping, torch.Tensor]]:
+    """(mapping, full megatron tensor) for every mapping in model order, loaded from a distributed checkpoint (any
+    TP/PP it was saved at) one decoder layer at a time, so memory stays near one layer, not the model."""
+    from fapo_megatron.megatron.streaming_checkpoint import entry_layouts, load_entries
+
+    layouts = entry_layouts(build_model(model_spec, dtype=dtype, padded_vocab_size=spec.padded_vocab_size, meta=True))
+    for _, group in itertools.groupby(hf_mapping.build_mappings(spec), key=lambda m: m.layer):
+        group = list(group)
+        unknown = [m.megatron_name for m in group if m.megatron_name not in layouts]
+        if unknown:
+            raise hf_mapping.MappingError(f"megatron model has no parameter {unknown[0]!r}")
+        loaded = load_entries(folder, {m.megatron_name: layouts[m.megatron_name] for m in group}, dtype)
+        for mapping in group:
+            yield mapping, loaded.pop(mapping.megatron_name)
 
 
 def load_checkpoint(model, folder: str | Path) -> None:

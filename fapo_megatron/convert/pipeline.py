@@ -1,9 +1,11 @@
 """HF checkpoint <-> megatron-core distributed checkpoint, streamed tensor by tensor, with a parity gate.
 
-hf-to-megatron: read HF safetensors lazily -> fused megatron tensors (models/hf_mapping) -> one TP=1/PP=1 model
-in the source dtype -> megatron-core distributed checkpoint (reshardable to the target TP/PP; vocab padded for
-the target TP). The folder also gets `hf/` (config, generation config, tokenizer) so export needs no other input.
-megatron-to-hf: load the checkpoint into a TP=1/PP=1 model -> HF tensors -> sharded safetensors + index.
+hf-to-megatron: read HF safetensors lazily -> fused megatron tensors (models/hf_mapping), each made when the
+checkpoint writer reaches it (megatron/lazy_save.py; the layout of a meta-device TP=1/PP=1 model, the source dtype;
+the model is never in memory) -> megatron-core distributed checkpoint (reshardable to the target TP/PP; vocab
+padded for the target TP). The folder also gets `hf/` (config, generation config, tokenizer) so export needs no other input.
+megatron-to-hf: load the checkpoint one decoder layer at a time -> HF tensors -> sharded safetensors + index (memory:
+one output shard plus one layer).
 Outputs are written to `<out>.partial` and renamed when complete.
 """
 
@@ -183,17 +185,14 @@ def megatron_to_hf(
     spec = hf_mapping.MappingSpec.from_model_spec(model_spec, padded_vocab_size=padded_vocab)
     partial = _prepare_out(out_dir)
     start = time.perf_counter()
-    model = megatron_io.build_model(model_spec, dtype=dtype, padded_vocab_size=padded_vocab)
-    megatron_io.load_checkpoint(model, ckpt_dir)
-    params = {k: v.cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    total = sum(t.numel() * t.element_size() for t in params.values())
+    meta_model = megatron_io.build_model(model_spec, dtype=dtype, padded_vocab_size=padded_vocab, meta=True)
+    total = sum(p.numel() * p.element_size() for p in meta_model.parameters())
     with _progress(total, "megatron -> hf", progress) as bar:
         writer = hf_io.HFWriter(partial, max_shard_bytes=max_shard_bytes, on_bytes=bar.update)
-        for name, tensor in hf_mapping.megatron_to_hf(params, spec):
-            writer.add(name, tensor)
+        for mapping, tensor in megatron_io.read_checkpoint(model_spec, spec, ckpt_dir, dtype=dtype):
+            for name, hf_tensor in zip(mapping.hf_names, hf_mapping.to_hf(mapping, tensor, spec)):
+                writer.add(name, hf_tensor)
         writer.close()
-    del model, params
-    gc.collect()
     if config_dir is not None:
         hf_io.copy_aux_files(config_dir, partial)
     else:
