@@ -113,8 +113,9 @@ def _child(mode: str, src: str, dst: str, max_shard_bytes: int) -> dict:
 def measure(mode: str, src: Path, dst: Path, max_shard_bytes: int = 2 << 30) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     evict(src)
+    args = f"{mode!r}, {str(src)!r}, {str(dst)!r}, {max_shard_bytes}"
     code = f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); import bench_convert as b; " \
-           f"print('RESULT', json.dumps(b._child({mode!r}, {str(src)!r}, {str(dst)!r}, {max_shard_bytes})))"  # fmt: skip
+           f"print('RESULT', json.dumps(b._child({args})))"  # fmt: skip
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if run.returncode or line is None:

@@ -1,11 +1,12 @@
 """HF checkpoint <-> megatron-core distributed checkpoint, streamed tensor by tensor, with a parity gate.
 
 hf-to-megatron: read HF safetensors lazily -> fused megatron tensors (models/hf_mapping), each made when the
-checkpoint writer reaches it (megatron/lazy_save.py; the layout of a meta-device TP=1/PP=1 model, the source dtype;
-the model is never in memory) -> megatron-core distributed checkpoint (reshardable to the target TP/PP; vocab
-padded for the target TP). The folder also gets `hf/` (config, generation config, tokenizer) so export needs no other input.
-megatron-to-hf: load the checkpoint one decoder layer at a time -> HF tensors -> sharded safetensors + index (memory:
-one output shard plus one layer).
+checkpoint writer reaches it (megatron/streaming_checkpoint.py: the layout of a meta-device TP=1/PP=1 model, the
+source dtype; the model is never in memory) -> megatron-core distributed checkpoint (reshardable to the target
+TP/PP; vocab padded for the target TP). The folder also gets `hf/` (config, generation config, tokenizer) so export
+needs no other input.
+megatron-to-hf: load the checkpoint (a folder or a training root with `latest`) one decoder layer at a time -> HF
+tensors -> sharded safetensors + index (memory: one output shard plus one layer).
 Outputs are written to `<out>.partial` and renamed when complete.
 """
 

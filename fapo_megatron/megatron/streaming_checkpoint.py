@@ -135,7 +135,8 @@ class _LazySavePlanner(DefaultSavePlanner):
 
         index = MetadataIndex(layout.key, layout.offsets)
         chunk = ChunkStorageMetadata(offsets=torch.Size(layout.offsets), sizes=torch.Size(layout.chunk_sizes))
-        data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=torch.Size(layout.global_shape))
+        properties, size = TensorProperties(dtype=dtype), torch.Size(layout.global_shape)
+        data = TensorWriteData(chunk=chunk, properties=properties, size=size)
         self.items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
         self.makers[_item_id(index)] = make
 
@@ -171,10 +172,17 @@ def _item_id(index: MetadataIndex) -> tuple:
 
 
 def load_entries(folder: str | Path, layouts: dict[str, EntryLayout], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """{name: tensor in `dtype`} for the given entries, read from the checkpoint in `folder` (any TP/PP)."""
+    """{name: tensor in `dtype`} for the given entries, read from the checkpoint in `folder` (any TP/PP); a tensor
+    the checkpoint lacks or holds in another global shape is named."""
+    reader = dcp.FileSystemReader(str(folder))
+    saved = reader.read_metadata().state_dict_metadata
+    for name, layout in layouts.items():
+        found = saved.get(layout.key)
+        if found is None or tuple(found.size) != layout.global_shape:
+            what = "missing" if found is None else f"of shape {tuple(found.size)}"
+            raise ValueError(f"{folder}: tensor {layout.key!r} ({name}) is {what}, expected {layout.global_shape}")
     buffers = {name: torch.empty(layout.chunk_sizes, dtype=dtype) for name, layout in layouts.items()}
-    planner = _ChunkLoadPlanner(layouts, buffers)
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(folder)), planner=planner, no_dist=True)
+    dcp.load({}, storage_reader=reader, planner=_ChunkLoadPlanner(layouts, buffers), no_dist=True)
     return {name: buffers[name].reshape(layout.shape) for name, layout in layouts.items()}
 
 
@@ -183,17 +191,14 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
 
     def __init__(self, layouts: dict[str, EntryLayout], buffers: dict[str, torch.Tensor]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.layouts, self.buffers = layouts, buffers
+        self.layouts = layouts
         self.by_chunk = {(layout.key, layout.offsets): buffers[name] for name, layout in layouts.items()}
 
     def create_local_plan(self) -> LoadPlan:
         items = []
-        for name, layout in self.layouts.items():
-            saved = self.metadata.state_dict_metadata.get(layout.key)
-            if saved is None or tuple(saved.size) != layout.global_shape:
-                found = "missing" if saved is None else f"of shape {tuple(saved.size)}"
-                raise ValueError(f"{name}: checkpoint tensor {layout.key!r} is {found}, expected {layout.global_shape}")
+        for layout in self.layouts.values():
             chunk = ChunkStorageMetadata(offsets=torch.Size(layout.offsets), sizes=torch.Size(layout.chunk_sizes))
+            saved = self.metadata.state_dict_metadata[layout.key]
             items += create_read_items_for_chunk_list(layout.key, saved, [chunk])
         return LoadPlan(items)
 
