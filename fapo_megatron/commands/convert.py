@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     to_mcore.set_defaults(func=run_hf_to_megatron)
 
     to_hf = sub.add_parser("megatron-to-hf", help="megatron-core dist checkpoint -> HF safetensors folder")
-    to_hf.add_argument("--ckpt", required=True, help="megatron-core distributed checkpoint folder")
+    to_hf.add_argument("--ckpt", required=True, help="checkpoint folder, or a training checkpoint root (uses latest)")
     to_hf.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     to_hf.add_argument("--hf-config-from", default=None, help="HF folder with config/tokenizer (default: CKPT/hf)")
     to_hf.add_argument("--max-shard-mb", type=int, default=2048, help="largest safetensors shard in MB")
