@@ -15,32 +15,14 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron_testlib import make_batch  # the script's folder is on sys.path
 
-from fapo_megatron.algo.batch import TrainBatch
 
 WORKDIR = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
 RANK = int(os.environ.get("RANK", "0"))
+
 VOCAB = 150
 """Pads to 256 rows with the default unit 128 and to 192 with 64, so a padding mismatch can be made."""
-
-
-def make_batch(seed: int = 0) -> TrainBatch:
-    """2 prompts x 4 rollouts, right-padded to 16 tokens, responses from position 4."""
-    gen = torch.Generator().manual_seed(seed)
-    rows, seq = 8, 16
-    tokens = torch.randint(0, VOCAB, (rows, seq), generator=gen)
-    lengths = torch.tensor([16, 12, 9, 16, 7, 13, 16, 10])
-    mask = torch.zeros(rows, seq)
-    for row in range(rows):
-        mask[row, 4 : lengths[row]] = 1.0
-    return TrainBatch(
-        tokens=tokens,
-        lengths=lengths,
-        response_mask=mask,
-        advantages=torch.randn(rows, generator=gen),
-        group_ids=torch.arange(rows) // 4,
-        rollout_logprobs=-torch.rand(rows, seq, generator=gen) * mask,
-    )
 
 
 def emit(name: str, value) -> None:
@@ -90,7 +72,7 @@ def _failed_load(actor, folder: Path) -> str:
 
 def load() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    batch = make_batch()
+    batch = make_batch(vocab=VOCAB)
     actor = build(**{"model.megatron_checkpoint": WORKDIR / "converted"})  # no model.path: weights come from it
     fresh_state = sum(len(opt.optimizer.state) for opt in getattr(actor.optimizer, "chained_optimizers", []))
     emit("fresh", {"step": actor.step, "optimizer_states": fresh_state, "lr": actor.optimizer.param_groups[0]["lr"]})

@@ -14,33 +14,14 @@ from pathlib import Path
 
 import torch
 
-from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.config import load_config
 from fapo_megatron.megatron.actor import MegatronActor
 from fapo_megatron.megatron.checkpoint import CheckpointMismatchError
+from megatron_testlib import make_batch  # the script's folder is on sys.path
 
 WORKDIR = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
-
-
-def make_batch(seed: int = 0) -> TrainBatch:
-    """2 prompts x 4 rollouts, right-padded to 16 tokens, responses from position 4."""
-    gen = torch.Generator().manual_seed(seed)
-    rows, seq = 8, 16
-    tokens = torch.randint(0, 128, (rows, seq), generator=gen)
-    lengths = torch.tensor([16, 11, 9, 16, 6, 13, 16, 10])
-    mask = torch.zeros(rows, seq)
-    for row in range(rows):
-        mask[row, 4 : lengths[row]] = 1.0
-    return TrainBatch(
-        tokens=tokens,
-        lengths=lengths,
-        response_mask=mask,
-        advantages=torch.randn(rows, generator=gen),
-        group_ids=torch.arange(rows) // 4,
-        rollout_logprobs=-torch.rand(rows, seq, generator=gen) * mask,
-    )
 
 
 def build(family: str, tp: int, pp: int, **extra) -> MegatronActor:

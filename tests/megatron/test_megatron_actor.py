@@ -6,9 +6,6 @@ leave rank 0's results in files; the assertions here compare them with independe
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,58 +14,20 @@ import torch
 import transformers
 
 from fapo_megatron.algo import ppo_loss
-from fapo_megatron.models.registry import tiny_hf_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mcore_worker import make_batch  # noqa: E402
+from megatron_testlib import launch_ranks, make_batch, rank_logs, tiny_hf_model  # noqa: E402
 
 WORKER = Path(__file__).parent / "mcore_worker.py"
-HF_CLASSES = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
 
-
-def _hf_model(family: str, seed: int, **overrides) -> transformers.PreTrainedModel:
-    cfg = {k: v for k, v in tiny_hf_config(family, **overrides).items() if k not in ("model_type", "architectures")}
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(HF_CLASSES[family](**cfg), attn_implementation="eager")
-    with torch.no_grad():  # give norms and biases non-trivial values so that a wrong mapping shows
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.add_(0.1 * torch.randn_like(param))
-    return model.float().eval()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(scenario: str, world: int, workdir: Path, timeout: float = 240) -> list[int]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
-        log = open(workdir / f"{scenario}_rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(workdir)], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-    return codes
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mcore")
-    _hf_model("qwen2", 1).save_pretrained(root / "hf_qwen2")
-    _hf_model("qwen3", 2).save_pretrained(root / "hf_qwen3")
-    _hf_model("qwen2", 3, hidden_size=96).save_pretrained(root / "hf_qwen2_wide")
+    tiny_hf_model("qwen2", 1).save_pretrained(root / "hf_qwen2")
+    tiny_hf_model("qwen3", 2).save_pretrained(root / "hf_qwen3")
+    tiny_hf_model("qwen2", 3, hidden_size=96).save_pretrained(root / "hf_qwen2_wide")
     return root
 
 
@@ -79,9 +38,10 @@ def results(workdir):
 
     def get(scenario: str, world: int, name: str, expect_codes=(0,)):
         if scenario not in done:
-            codes = _launch(scenario, world, workdir)
-            logs = "\n".join((workdir / f"{scenario}_rank{r}.log").read_text()[-3000:] for r in range(world))
-            assert all(code in expect_codes for code in codes), f"{scenario} exit codes {codes}\n{logs}"
+            codes = launch_ranks(WORKER, scenario, world, workdir)
+            assert all(code in expect_codes for code in codes), (
+                f"{scenario} exit codes {codes}\n{rank_logs(workdir, scenario, world)}"
+            )
             done.add(scenario)
         return torch.load(workdir / "out" / f"{name}.pt", weights_only=False)
 
@@ -181,7 +141,7 @@ def test_checkpoint_reshards_and_names_mismatch(results):
 
 def test_restart_after_kill_continues_exactly(results, workdir):
     uninterrupted = results("checkpoint", 2, "uninterrupted")
-    codes = _launch("crash", 2, workdir)
+    codes = launch_ranks(WORKER, "crash", 2, workdir)
     assert codes == [-9, -9], codes
     restarted = results("restart", 2, "restarted")
     assert restarted["extra"] == {"data_position": 1} and restarted["step"] == 4

@@ -5,8 +5,6 @@ to HF exactly what the actor holds, and a checkpoint of another shape fails nami
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,50 +14,22 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from fapo_megatron.models.registry import tiny_hf_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from converted_ckpt_worker import VOCAB, make_batch  # noqa: E402
+from converted_ckpt_worker import VOCAB  # noqa: E402
+from megatron_testlib import launch_ranks, make_batch, rank_logs, tiny_hf_model  # noqa: E402
 
 WORKER = Path(__file__).parent / "converted_ckpt_worker.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _hf_model(seed: int, **overrides) -> transformers.PreTrainedModel:
-    overrides = {"vocab_size": VOCAB, "tie_word_embeddings": False, **overrides}
-    cfg = {k: v for k, v in tiny_hf_config("qwen2", **overrides).items() if k not in ("model_type", "architectures")}
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**cfg), attn_implementation="eager")
-    with torch.no_grad():  # non-trivial norms and biases, so that a misplaced one changes the output
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.1 * torch.randn_like(param))
-    return model.float().eval()
+def _hf_model(seed: int, **overrides):
+    return tiny_hf_model("qwen2", seed, **{"vocab_size": VOCAB, "tie_word_embeddings": False, **overrides})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(scenario: str, world: int, workdir: Path, timeout: float = 240) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
-        with open(workdir / f"{scenario}_rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(workdir)], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    try:
-        codes = [proc.wait(timeout=timeout) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    logs = "\n".join((workdir / f"{scenario}_rank{r}.log").read_text()[-3000:] for r in range(world))
-    assert codes == [0] * world, f"{scenario} exit codes {codes}\n{logs}"
+def _launch(scenario: str, world: int, workdir: Path) -> None:
+    codes = launch_ranks(WORKER, scenario, world, workdir)
+    assert codes == [0] * world, f"{scenario} exit codes {codes}\n{rank_logs(workdir, scenario, world)}"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +47,7 @@ def _out(workdir: Path, name: str):
 
 
 def test_converted_checkpoint_gives_hf_logprobs_at_tp2(workdir):
-    batch = make_batch()
+    batch = make_batch(vocab=VOCAB)
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").float().eval()
     with torch.no_grad():
         logits = model(batch.tokens).logits.float()

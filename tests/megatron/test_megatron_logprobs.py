@@ -2,7 +2,6 @@
 TP2, in value and in gradient (including the padded vocabulary rows, whose gradient must be 0)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from megatron_testlib import free_port  # noqa: E402
+
 WORKER = Path(__file__).with_name("logprobs_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_fused_logprobs_match_graph_and_reference(tmp_path, world):
-    out, port = tmp_path / "out.pt", _free_port()
+    out, port = tmp_path / "out.pt", free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
