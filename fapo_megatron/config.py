@@ -290,7 +290,7 @@ class TrainerConfig:
     resume: str = "auto"
     """auto: continue from output_dir's latest checkpoint if there is one; none; or a checkpoint path."""
     val_interval: int = 0
-    """Validate every this many steps (0: never)."""
+    """Validate every this many steps and after the last one (0: never)."""
     val_n: int = 4
     """Samples per validation prompt (avg@k)."""
     val_temperature: float = 1.0

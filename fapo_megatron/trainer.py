@@ -62,7 +62,7 @@ class Trainer:
                 while self.step < cfg.trainer.steps:
                     metrics = self.train_step(bar)
                     self.step += 1
-                    if self._due(cfg.trainer.val_interval) or self.step == cfg.trainer.steps:
+                    if self._validation_due():
                         with self.timer.phase("validation"):
                             metrics.update(self.validate())
                     if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
@@ -192,6 +192,10 @@ class Trainer:
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
+
+    def _validation_due(self) -> bool:
+        interval = self.cfg.trainer.val_interval
+        return interval > 0 and (self._due(interval) or self.step == self.cfg.trainer.steps)
 
     def save_checkpoint(self) -> None:
         extra = {"step": self.step, "sampler": self.sampler.state_dict()}
