@@ -213,7 +213,8 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = True
     """Divide group advantages by the group std (GRPO); False is Dr.GRPO."""
     kl_coef: float = 0.0
-    """KL penalty to the rollout policy's log-probs (0: none, as in the paper)."""
+    """KL penalty to reference log-probs: the rollout engine's when no reference model is given (0: none, as in
+    the paper)."""
     kl_type: Literal["k1", "k3"] = "k3"
     """KL estimator."""
     entropy_coef: float = 0.0
