@@ -53,6 +53,8 @@ class ParallelConfig:
     """Sequences per micro-batch in forward/backward."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
+    offload_actor: bool = True
+    """Move the actor's parameters and optimizer state to host memory while the colocated engines generate."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (core attention only), full (every layer's input kept)."""
 

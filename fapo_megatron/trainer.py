@@ -95,7 +95,7 @@ class Trainer:
         bar.set_postfix_str(f"step {self.step + 1}: rollout")
         with timer.phase("rollout"):
             generations = self.generate(prompts, self.sampling(validation=False))
-            self.policy.call("release_engine")
+            self.policy.call("wake_actor")
         correct = self.checker.check(
             [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
         )
@@ -116,7 +116,6 @@ class Trainer:
             update = self.policy.call("train_step", batch)[0]
         bar.set_postfix_str(f"step {self.step + 1}: weight sync")
         with timer.phase("weight_sync"):
-            self.policy.call("resume_engine")
             sync = self.policy.call("sync_weights")
 
         mask = batch.response_mask.bool()

@@ -360,6 +360,10 @@ class MegatronActor:
         """Move parameters and optimizer state to CPU memory and drop gradients (device memory freed)."""
         self._offloader.offload()
 
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader.offloaded
+
     def onload(self) -> None:
         """Bring back what `offload` moved; the next step sees exactly the state it left."""
         self._offloader.onload()

@@ -3,7 +3,8 @@
 The trainer drives a group of these (one per device, through cluster.WorkerGroup). Every rank takes part in
 the actor's collectives; the ranks that host an engine (every `rollout.tp`-th rank) also generate, each for its
 share of the prompts, and take the actor's weights after every update. Engines and the actor time-share the
-device: the engine releases its memory while the actor trains, the actor offloads while the engine generates.
+device: the engine releases its memory while the actor trains (`wake_actor`), the actor offloads while the engine
+generates (at the end of `sync_weights`, when parallel.offload_actor).
 """
 
 from __future__ import annotations
@@ -118,13 +119,11 @@ class PolicyWorker:
             gen.prompt_index += shard.start
         return generations
 
-    def release_engine(self) -> None:
+    def wake_actor(self) -> None:
+        """Training phase: the engine gives its device memory back, the actor's state returns to the device."""
         if self.engine is not None:
             self.engine.release_memory()
-
-    def resume_engine(self) -> None:
-        if self.engine is not None:
-            self.engine.resume_memory()
+        self.actor.onload()
 
     # ------------------------------------------------------------------------------------------ actor
 
@@ -135,9 +134,12 @@ class PolicyWorker:
         return self.actor.train_step(batch)
 
     def sync_weights(self) -> dict[str, float]:
-        """Push the actor's weights (HF names, gathered over TP/PP, in buckets) into this rank's engine."""
+        """Push the actor's weights (HF names, gathered over TP/PP, in buckets) into this rank's engine, then hand
+        the device to the engine for the next rollout (the actor offloads when parallel.offload_actor)."""
         start = time.perf_counter()
         sizes = []
+        if self.engine is not None:
+            self.engine.resume_memory()
 
         def counted(buckets):
             for bucket in buckets:
@@ -150,10 +152,18 @@ class PolicyWorker:
                 pass
         else:
             self.engine.update_weights(buckets)
+        if self.cfg.parallel.offload_actor:
+            self.actor.offload()
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
 
     def save(self, directory: str, extra_state: dict) -> str:
-        return str(self.actor.save(directory, extra_state))
+        offloaded = self.actor.offloaded
+        self.actor.onload()
+        try:
+            return str(self.actor.save(directory, extra_state))
+        finally:
+            if offloaded:
+                self.actor.offload()
 
     def load(self, directory: str) -> dict:
         return self.actor.load(directory)
