@@ -56,9 +56,18 @@ def _entry(rank, world_size, port, fn, args):
     fn(rank, world_size, *args)
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` fresh processes with the torch.distributed env set."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+def spawn(fn, world_size: int, *args, attempts: int = 3) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` fresh processes with the torch.distributed env set.
+
+    A free port can be taken by a parallel test between picking it and binding it: then try another one.
+    """
+    for attempt in range(attempts):
+        try:
+            mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == attempts - 1:
+                raise
 
 
 def build_megatron_gpt(hf_config, spec, tp: int = 1, pp: int = 1):

@@ -55,7 +55,18 @@ def free_port() -> int:
 
 
 def launch_ranks(worker: Path, scenario: str, world: int, workdir: Path, timeout: float = 240) -> list[int]:
-    """Run `worker SCENARIO WORKDIR` as `world` gloo ranks; their exit codes (logs in WORKDIR/SCENARIO_rank*.log)."""
+    """Run `worker SCENARIO WORKDIR` as `world` gloo ranks; their exit codes (logs in WORKDIR/SCENARIO_rank*.log).
+
+    A free port can be taken by a parallel test between picking it and binding it: then run again on another one.
+    """
+    for _ in range(2):
+        codes = _launch_once(worker, scenario, world, workdir, timeout)
+        if codes == [0] * world or "EADDRINUSE" not in rank_logs(workdir, scenario, world):
+            break
+    return codes
+
+
+def _launch_once(worker: Path, scenario: str, world: int, workdir: Path, timeout: float) -> list[int]:
     port = free_port()
     procs = []
     for rank in range(world):
