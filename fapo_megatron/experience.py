@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fapo_megatron.algo import fapo_rewards, flawed_positive_share, grpo_advantages, learning_progress, overlong_penalty
+from fapo_megatron.algo import (
+    fapo_rewards,
+    flawed_positive_share,
+    grpo_advantages,
+    learning_progress,
+    overlong_penalty,
+)
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.config import AlgorithmConfig, GenRMConfig, RolloutConfig
 from fapo_megatron.data.items import PromptItem
@@ -107,11 +113,7 @@ def grade_rollouts(
     metrics = {
         "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
         "reward/outcome_mean": float(result.outcome.float().mean()),
-        "reward/overlong_mean": float(
-            overlong_penalty(lengths, rollout.max_response_tokens, overlong.buffer, overlong.penalty_factor).mean()
-        )
-        if overlong.enable and overlong.buffer > 0
-        else 0.0,
+        "reward/overlong_mean": float(overlong_shaping(lengths, algorithm, rollout).mean()),
         "reward/accuracy": float(correct.float().mean()),
         "reward/flawed_positive_share": _nan_to_zero(flawed_positive_share(correct, flawed, available)),
         "reward/num_dropped": float(result.num_dropped),
@@ -148,9 +150,7 @@ def grade_genrm_rollouts(
     scores = score_genrm_responses([items[g.prompt_index] for g in generations], [g.text for g in generations])
     num, group_ids = len(generations), torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
     lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
-    ov = algorithm.overlong
-    shaping = (overlong_penalty(lengths, rollout.max_response_tokens, ov.buffer, ov.penalty_factor)
-               if ov.enable and ov.buffer > 0 else torch.zeros(num))  # fmt: skip
+    shaping = overlong_shaping(lengths, algorithm, rollout)
     rewards, keep = scores.rewards + shaping, torch.ones(num, dtype=torch.bool)
     advantages = grpo_advantages(rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=keep)
     metrics = {
@@ -165,10 +165,18 @@ def grade_genrm_rollouts(
                           rewards=rewards, keep=keep, advantages=advantages, group_ids=group_ids, metrics=metrics)
 
 
+def overlong_shaping(lengths: torch.Tensor, algorithm: AlgorithmConfig, rollout: RolloutConfig) -> torch.Tensor:
+    """[N] DAPO overlong reward term of each rollout (zeros when shaping is off)."""
+    overlong = algorithm.overlong
+    if not (overlong.enable and overlong.buffer > 0):
+        return torch.zeros(len(lengths))
+    return overlong_penalty(lengths, rollout.max_response_tokens, overlong.buffer, overlong.penalty_factor)
+
+
 def build_train_batch(
     generations: Sequence[Generation], advantages: torch.Tensor, keep: torch.Tensor, pad_id: int
 ) -> TrainBatch:
-    """Kept rollouts as right-padded prompt+response rows; response tokens are masked in, with their engine log-probs."""
+    """Kept rollouts as right-padded prompt+response rows; response tokens masked in, with their engine log-probs."""
     rows = [i for i in range(len(generations)) if bool(keep[i])]
     if not rows:
         raise ValueError("every rollout of the step was dropped; nothing to train on")
