@@ -87,10 +87,9 @@ class Trainer:
         start = time.perf_counter()
         items = self.sampler.next_batch()
         prompts = [encode_prompt(item, self.data.tokenizer) for item in items]
-        too_long = [i for i, p in enumerate(prompts) if len(p) > cfg.rollout.max_prompt_tokens]
-        if too_long:
-            items = [it for i, it in enumerate(items) if i not in too_long]
-            prompts = [p for i, p in enumerate(prompts) if i not in too_long]
+        fits = [i for i, p in enumerate(prompts) if len(p) <= cfg.rollout.max_prompt_tokens]
+        num_too_long = len(prompts) - len(fits)
+        items, prompts = [items[i] for i in fits], [prompts[i] for i in fits]
 
         bar.set_postfix_str(f"step {self.step + 1}: rollout")
         with timer.phase("rollout"):
@@ -126,7 +125,7 @@ class Trainer:
         metrics["actor/rollout_logprob_abs_diff"] = (
             float((old_logprobs - batch.rollout_logprobs)[mask].abs().mean()) if response_tokens else 0.0
         )
-        metrics["data/prompts_too_long"] = float(len(too_long))
+        metrics["data/prompts_too_long"] = float(num_too_long)
         metrics["data/epoch"] = float(self.sampler.state_dict().get("epoch", 0))
         metrics["weight_sync/bytes"] = max(s["bytes"] for s in sync)
         elapsed = time.perf_counter() - start
