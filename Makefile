@@ -1,5 +1,5 @@
 # Two commands are the whole setup on a fresh machine (Python 3.11, no GPU):
-#   make test   create/refresh .venv, install, run the test suite
+#   make test   create/refresh .venv, install, check formatting/lint, run the test suite
 #   make demo   create/refresh .venv, install, run a small real FAPO training run on CPU
 #   make demo-compare   the same with a GRPO run beside it, plotted together
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 # reason, when these cannot be installed (no root / no apt).
 SLURM_PKGS := slurmctld slurmd slurm-client munge
 
-.PHONY: test demo demo-compare venv slurm-deps clean
+.PHONY: test lint demo demo-compare venv slurm-deps clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,12 @@ slurm-deps:
 	@command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
 		$(SLURM_PKGS) >/dev/null) || echo "slurm-deps: could not install $(SLURM_PKGS); the real-Slurm tests will skip"
 
-test: $(STAMP) slurm-deps
+# ruff.toml holds the rules (line length 119); `ruff format .` applies the formatting.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: $(STAMP) slurm-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

@@ -20,7 +20,7 @@ GPU = [
     "sglang>=0.5.3,<0.6",
     "flash-attn",
 ]
-TEST = ["pytest", "pytest-xdist", "pytest-timeout"]
+TEST = ["pytest", "pytest-xdist", "pytest-timeout", "ruff"]
 
 setup(
     name="fapo_megatron",

@@ -25,11 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QWEN25_15B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
-    "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-    "hidden_act": "silu", "use_sliding_window": False,
-}  # fmt: skip
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+}
 
 
 def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):
@@ -62,11 +72,20 @@ def train_flops_per_token(cfg: dict, seq: int) -> float:
 def _actor_config(rows: int, tp: int, world: int, device: str, dtype: str):
     from fapo_megatron.config import load_config
 
-    return load_config(None, [
-        f"cluster.device={device}", f"cluster.devices_per_node={world}", f"parallel.tp={tp}", f"model.dtype={dtype}",
-        "rollout.n=1", f"algorithm.mini_batch_size={rows}", f"data.batch_size={rows}", "optim.warmup_steps=0",
-        "optim.lr=0.00001",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"cluster.device={device}",
+            f"cluster.devices_per_node={world}",
+            f"parallel.tp={tp}",
+            f"model.dtype={dtype}",
+            "rollout.n=1",
+            f"algorithm.mini_batch_size={rows}",
+            f"data.batch_size={rows}",
+            "optim.warmup_steps=0",
+            "optim.lr=0.00001",
+        ],
+    )
 
 
 def measure_actor(hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device: str, dtype: str, steps: int):
@@ -104,8 +123,13 @@ def measure_hf(hf_cfg: dict, rows: int, seq: int, steps: int) -> dict:
             logits = model(tokens).logits.float()
             picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
             logprobs = torch.nn.functional.pad(picked, (1, 0))
-            loss, _ = ppo_loss(logprobs, batch.old_logprobs[row : row + 1], batch.advantages[row : row + 1],
-                               batch.response_mask[row : row + 1], num_tokens=batch.num_response_tokens)  # fmt: skip
+            loss, _ = ppo_loss(
+                logprobs,
+                batch.old_logprobs[row : row + 1],
+                batch.advantages[row : row + 1],
+                batch.response_mask[row : row + 1],
+                num_tokens=batch.num_response_tokens,
+            )
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
@@ -155,10 +179,32 @@ def _launch_cpu(tp: int, world: int, args) -> dict:
     out = Path(tempfile.mkdtemp()) / "result.json"
     port, procs = _free_port(), []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)), PYTHONWARNINGS="ignore")  # fmt: skip
-        cmd = [sys.executable, __file__, "--worker", "--tp", str(tp), "--world", str(world), "--rows", str(args.rows),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--out", str(out)]  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)),
+            PYTHONWARNINGS="ignore",
+        )
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--tp",
+            str(tp),
+            "--world",
+            str(world),
+            "--rows",
+            str(args.rows),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(out),
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL))
     if any(p.wait() for p in procs):
         raise RuntimeError(f"benchmark ranks failed for tp={tp} (rerun a rank by hand to see its error)")
@@ -183,8 +229,9 @@ def main() -> None:
     from fapo_megatron.models.registry import tiny_hf_config
 
     if args.worker:
-        result = measure_actor(tiny_hf_config("qwen2"), args.rows, args.seq, args.tp, args.world, "cpu", "float32",
-                               args.steps)  # fmt: skip
+        result = measure_actor(
+            tiny_hf_config("qwen2"), args.rows, args.seq, args.tp, args.world, "cpu", "float32", args.steps
+        )
         if int(os.environ["RANK"]) == 0:
             Path(args.out).write_text(json.dumps(result))
         return
@@ -202,18 +249,30 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     if args.without_fusions:
         _without_jit_fusions()
-        rows.append(("megatron actor without jit fusions",
-                     measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps)))  # fmt: skip
+        rows.append(
+            (
+                "megatron actor without jit fusions",
+                measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps),
+            )
+        )
         _without_jit_fusions(undo=True)
-    rows.append(("megatron actor (local spec + SDPA, jit-fused SwiGLU / bias-dropout-add)",
-                 measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps)))  # fmt: skip
-    print(f"{torch.cuda.get_device_name()}, Qwen2.5-1.5B shape, bf16, {args.rows} x {args.seq} tokens per step, "
-          f"{flops / 1e9:.2f} GFLOP/token")  # fmt: skip
+    rows.append(
+        (
+            "megatron actor (local spec + SDPA, jit-fused SwiGLU / bias-dropout-add)",
+            measure_actor(QWEN25_15B, args.rows, args.seq, 1, 1, "cuda", "bfloat16", args.steps),
+        )
+    )
+    print(
+        f"{torch.cuda.get_device_name()}, Qwen2.5-1.5B shape, bf16, {args.rows} x {args.seq} tokens per step, "
+        f"{flops / 1e9:.2f} GFLOP/token"
+    )
     print("| implementation | tokens/s | model TFLOP/s | MFU | s/step | peak GB |\n|---|---|---|---|---|---|")
     for name, res in rows:
         tflops = res["tokens_per_s"] * flops / 1e12
-        print(f"| {name} | {res['tokens_per_s']:.0f} | {tflops:.0f} | {100 * tflops / args.peak_tflops:.1f} % | "
-              f"{res['step_s']:.2f} | {res['peak_gb']:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {res['tokens_per_s']:.0f} | {tflops:.0f} | {100 * tflops / args.peak_tflops:.1f} % | "
+            f"{res['step_s']:.2f} | {res['peak_gb']:.1f} |"
+        )
     for name, res in rows[1:]:
         print(f"speed-up over HF ({name}): {res['tokens_per_s'] / rows[0][1]['tokens_per_s']:.2f}x")
 

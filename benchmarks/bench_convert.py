@@ -23,11 +23,21 @@ import time
 from pathlib import Path
 
 ONE_B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
-    num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
-    max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16",
-    rope_theta=10000.0, hidden_act="silu",
-)  # fmt: skip
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+    rope_theta=10000.0,
+    hidden_act="silu",
+)
 
 
 def evict(folder: Path) -> None:
@@ -114,8 +124,10 @@ def measure(mode: str, src: Path, dst: Path, max_shard_bytes: int = 2 << 30) -> 
     shutil.rmtree(dst, ignore_errors=True)
     evict(src)
     args = f"{mode!r}, {str(src)!r}, {str(dst)!r}, {max_shard_bytes}"
-    code = f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); import bench_convert as b; " \
-           f"print('RESULT', json.dumps(b._child({args})))"  # fmt: skip
+    code = (
+        f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); import bench_convert as b; "
+        f"print('RESULT', json.dumps(b._child({args})))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if run.returncode or line is None:
@@ -141,22 +153,28 @@ def main() -> None:
     models = {"SmolLM2-135M": gguf.smollm2_to_hf(args.smollm2_dir or work / "smollm2")}
     if not args.skip_1b:
         models["random-1B"] = make_random_1b(work / "random_1b")
-    print(f"{'model':<14}{'measurement':<24}{'MB':>8}{'s':>8}{'MB/s':>8}{'% disk':>8}{'peak RSS MB':>13}"
-          f"{'RSS-base MB':>13}{'largest shard MB':>18}")  # fmt: skip
+    print(
+        f"{'model':<14}{'measurement':<24}{'MB':>8}{'s':>8}{'MB/s':>8}{'% disk':>8}{'peak RSS MB':>13}"
+        f"{'RSS-base MB':>13}{'largest shard MB':>18}"
+    )
     for name, src in models.items():
         disk = read_bandwidth(src)
         shard = largest_shard(src) / 1e6
         rows = [
             ("stream hf->mcore", measure("stream_hf_to_megatron", src, work / f"{name}-mcore")),
-            ("stream mcore->hf", measure("stream_megatron_to_hf", work / f"{name}-mcore", work / f"{name}-hf",
-                                         largest_shard(src))),
+            (
+                "stream mcore->hf",
+                measure("stream_megatron_to_hf", work / f"{name}-mcore", work / f"{name}-hf", largest_shard(src)),
+            ),
             ("naive hf->mcore", measure("naive_hf_to_megatron", src, work / f"{name}-naive")),
         ]
         print(f"{name:<14}{'disk seq. read':<24}{'':>8}{'':>8}{disk:>8.0f}{100:>8.0f}")
         for label, r in rows:
             mb, rate = r["bytes"] / 1e6, r["bytes"] / 1e6 / r["seconds"]
-            print(f"{name:<14}{label:<24}{mb:>8.0f}{r['seconds']:>8.1f}{rate:>8.0f}{100 * rate / disk:>8.0f}"
-                  f"{r['peak_rss']:>13.0f}{r['peak_rss'] - r['base_rss']:>13.0f}{shard:>18.0f}")  # fmt: skip
+            print(
+                f"{name:<14}{label:<24}{mb:>8.0f}{r['seconds']:>8.1f}{rate:>8.0f}{100 * rate / disk:>8.0f}"
+                f"{r['peak_rss']:>13.0f}{r['peak_rss'] - r['base_rss']:>13.0f}{shard:>18.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -83,8 +83,8 @@ def bench_weight_update(args, dtype) -> list[tuple[str, str]]:
 
     variants = {"raw tensor copy": raw_copy}
     for bucket_mb in args.bucket_mb:
-        variants[f"embedded update_weights, {bucket_mb} MB buckets"] = (
-            lambda mb=bucket_mb: engine.update_weights(bucket_named_tensors(source, mb * MB))
+        variants[f"embedded update_weights, {bucket_mb} MB buckets"] = lambda mb=bucket_mb: engine.update_weights(
+            bucket_named_tensors(source, mb * MB)
         )
     for bucket_mb in args.bucket_mb:
         variants[f"flattened bucket (SGLang tensor path), {bucket_mb} MB"] = lambda mb=bucket_mb: flattened(mb)

@@ -36,8 +36,11 @@ PAPER_COMMAND = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=str(REPO / ".cache" / "smollm2-135m-instruct"),
-                        help="HF folder of SmolLM2-135M-Instruct (converted from the GGUF on first use)")
+    parser.add_argument(
+        "--model-dir",
+        default=str(REPO / ".cache" / "smollm2-135m-instruct"),
+        help="HF folder of SmolLM2-135M-Instruct (converted from the GGUF on first use)",
+    )
     parser.add_argument("--split", default="gsm8k", choices=SPLITS, help="ProcessBench split the items come from")
     parser.add_argument("--items", type=int, default=8, help="items to judge (the first N of the split)")
     parser.add_argument("--concurrency", type=int, default=4, help="conversations per engine call")
@@ -52,33 +55,51 @@ def main() -> int:
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     engine = EmbeddedEngine(str(model_dir), device=args.device, dtype=dtype, max_batch_rows=args.concurrency)
     engine.start()
-    genrm = GenRMConfig(backend="embedded", model_path=str(model_dir), max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, concurrency=args.concurrency, retries=0,
-                        request_timeout_s=86400.0, deadline_s=86400.0)  # fmt: skip
+    genrm = GenRMConfig(
+        backend="embedded",
+        model_path=str(model_dir),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        concurrency=args.concurrency,
+        retries=0,
+        request_timeout_s=86400.0,
+        deadline_s=86400.0,
+    )
     judge = build_judge(genrm, engine)
     examples = load_examples((args.split,), limit=args.items, max_steps=genrm.max_steps)
     render = engine_chat_renderer(engine)
     prompt_tokens = [
-        len(engine.tokenizer(render(build_genrm_messages(e.request.problem, split_steps(e.request.solution),
-                                                         e.request.ground_truth)), add_special_tokens=False).input_ids)
+        len(
+            engine.tokenizer(
+                render(
+                    build_genrm_messages(e.request.problem, split_steps(e.request.solution), e.request.ground_truth)
+                ),
+                add_special_tokens=False,
+            ).input_ids
+        )
         for e in examples
-    ]  # fmt: skip
+    ]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        records = run_evaluation(judge, examples, out, identity={"model": str(model_dir)},
-                                 chunk_size=args.concurrency, progress=False)  # fmt: skip
+        records = run_evaluation(
+            judge, examples, out, identity={"model": str(model_dir)}, chunk_size=args.concurrency, progress=False
+        )
         seconds = time.perf_counter() - start
     engine.shutdown()
     summary = summarize(records, max_new_tokens=args.max_new_tokens)
     output_tokens = sum(r.output_tokens for r in records)
     print(f"model            SmolLM2-135M-Instruct ({model_dir}; conversion/cache check {convert_s:.1f}s)")
     print(f"device           {args.device}, {dtype}, {torch.get_num_threads()} threads")
-    print(f"items            {len(records)} from ProcessBench {args.split}, concurrency {args.concurrency}, "
-          f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}")
+    print(
+        f"items            {len(records)} from ProcessBench {args.split}, concurrency {args.concurrency}, "
+        f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}"
+    )
     print(f"time             {seconds:.1f} s")
     print(f"throughput       {len(records) / seconds:.3f} items/s, {output_tokens / seconds:.1f} output tokens/s")
-    print(f"output tokens    mean {output_tokens / len(records):.1f}, at budget "
-          f"{summary['output_tokens'].get('at_budget', 0)} of {len(records)}")
+    print(
+        f"output tokens    mean {output_tokens / len(records):.1f}, at budget "
+        f"{summary['output_tokens'].get('at_budget', 0)} of {len(records)}"
+    )
     print(f"verdicts         {summary['status']}")
     print(f"prompt tokens    mean {sum(prompt_tokens) / len(prompt_tokens):.0f}, max {max(prompt_tokens)}")
     print("\nA plumbing and speed check, not a quality number. The paper's table with FAPO-GenRM-4B (one GPU):")

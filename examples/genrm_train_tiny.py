@@ -24,8 +24,13 @@ from pathlib import Path
 
 import torch
 
-from fapo_megatron.data.arith import FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER, arith_solution, first_wrong_step
-from fapo_megatron.data.arith import make_arith_items
+from fapo_megatron.data.arith import (
+    FLAWS_WITH_CORRECT_ANSWER,
+    WRONG_ANSWER,
+    arith_solution,
+    first_wrong_step,
+    make_arith_items,
+)
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
 from fapo_megatron.data.genrm_task import load_genrm_items
 from fapo_megatron.data.templates import encode_prompt
@@ -46,9 +51,14 @@ def write_step_labelled(path: Path, num_items: int, seed: int) -> Path:
         for problem in problems:
             kind = rng.choice(SOLUTION_KINDS)
             steps = split_steps(arith_solution(problem, flaw=kind, rng=rng))
-            entry = {"id": f"arith-{problem.index}", "problem": problem.prompt, "steps": steps,
-                     "label": first_wrong_step(problem.prompt, steps), "final_answer_correct": kind != WRONG_ANSWER,
-                     "ground_truth": problem.ground_truth}  # fmt: skip
+            entry = {
+                "id": f"arith-{problem.index}",
+                "problem": problem.prompt,
+                "steps": steps,
+                "label": first_wrong_step(problem.prompt, steps),
+                "final_answer_correct": kind != WRONG_ANSWER,
+                "ground_truth": problem.ground_truth,
+            }
             handle.write(json.dumps(entry) + "\n")
     return path
 
@@ -60,10 +70,19 @@ def format_warm_up(out_dir: Path, data_path: Path, *, steps: int = 120, seed: in
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = arith_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     items = load_genrm_items(str(data_path), max_steps=32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -100,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     model = out / "model"
     if not (model / "config.json").is_file():
         format_warm_up(model, data, steps=args.warmup_steps)
-    overrides = [f"model.path={model}", f"data.train_path={data}", f"trainer.output_dir={out / 'train'}",
-                 f"trainer.steps={args.steps}", "trainer.resume=none", *args.overrides]  # fmt: skip
+    overrides = [
+        f"model.path={model}",
+        f"data.train_path={data}",
+        f"trainer.output_dir={out / 'train'}",
+        f"trainer.steps={args.steps}",
+        "trainer.resume=none",
+        *args.overrides,
+    ]
     command = [sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), *overrides]
     print("$", " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
@@ -109,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     records = read_metrics(out / "train" / "metrics.jsonl")
     print(f"\n{'step':>4} {'reward':>8} {'exact index':>12} {'unparseable':>12}")
     for r in records:
-        print(f"{r['step']:>4} {r['reward/mean']:>8.3f} {r['reward/accuracy']:>12.3f} "
-              f"{r['genrm_task/unparseable_share']:>12.3f}")  # fmt: skip
+        print(
+            f"{r['step']:>4} {r['reward/mean']:>8.3f} {r['reward/accuracy']:>12.3f} "
+            f"{r['genrm_task/unparseable_share']:>12.3f}"
+        )
     half = max(1, len(records) // 2)
     first = sum(r["reward/mean"] for r in records[:half]) / half
     last = sum(r["reward/mean"] for r in records[-half:]) / half

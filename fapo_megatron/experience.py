@@ -106,9 +106,7 @@ def grade_rollouts(
         overlong_buffer=overlong.buffer if overlong.enable else 0,
         overlong_factor=overlong.penalty_factor,
     )
-    advantages = grpo_advantages(
-        result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep
-    )
+    advantages = grpo_advantages(result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep)
     progress = learning_progress(correct, flawed, group_ids, lam=algorithm.lam)
     metrics = {
         "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
@@ -141,9 +139,12 @@ def grade_rollouts(
 
 
 def grade_genrm_rollouts(
-    items: Sequence[PromptItem], generations: Sequence[Generation], *, algorithm: AlgorithmConfig,
+    items: Sequence[PromptItem],
+    generations: Sequence[Generation],
+    *,
+    algorithm: AlgorithmConfig,
     rollout: RolloutConfig,
-) -> GradedRollouts:  # fmt: skip
+) -> GradedRollouts:
     """GenRM training: the rollouts are GenRM answers, rewarded by step distance to the label (+ overlong shaping)."""
     from fapo_megatron.data.genrm_task import score_genrm_responses
 
@@ -154,15 +155,27 @@ def grade_genrm_rollouts(
     rewards, keep = scores.rewards + shaping, torch.ones(num, dtype=torch.bool)
     advantages = grpo_advantages(rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=keep)
     metrics = {
-        "reward/mean": float(rewards.mean()), "reward/step_distance_mean": float(scores.rewards.mean()),
-        "reward/overlong_mean": float(shaping.mean()), "reward/accuracy": float(scores.exact.float().mean()),
+        "reward/mean": float(rewards.mean()),
+        "reward/step_distance_mean": float(scores.rewards.mean()),
+        "reward/overlong_mean": float(shaping.mean()),
+        "reward/accuracy": float(scores.exact.float().mean()),
         "reward/flawed_positive_share": float("nan"),  # no flaw detector judges a GenRM's own answers
         "reward/advantage_abs_mean": float(advantages.abs().mean()),
-        "response/length_mean": float(lengths.float().mean()), "response/length_max": float(lengths.max()),
-        "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / num, **scores.metrics,
-    }  # fmt: skip
-    return GradedRollouts(correct=scores.exact, flawed=torch.zeros(num, dtype=torch.bool), available=keep,
-                          rewards=rewards, keep=keep, advantages=advantages, group_ids=group_ids, metrics=metrics)
+        "response/length_mean": float(lengths.float().mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / num,
+        **scores.metrics,
+    }
+    return GradedRollouts(
+        correct=scores.exact,
+        flawed=torch.zeros(num, dtype=torch.bool),
+        available=keep,
+        rewards=rewards,
+        keep=keep,
+        advantages=advantages,
+        group_ids=group_ids,
+        metrics=metrics,
+    )
 
 
 def overlong_shaping(lengths: torch.Tensor, algorithm: AlgorithmConfig, rollout: RolloutConfig) -> torch.Tensor:

@@ -59,7 +59,9 @@ class MetricsLogger:
         self.tensorboard_dir = self.output_dir / "tensorboard"
         self.jsonl_path = self.output_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
-        self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+        self._writer = SummaryWriter(
+            log_dir=str(self.tensorboard_dir), purge_step=resume_step + 1 if resume_step else None
+        )
         self._jsonl = self.jsonl_path.open("a")
 
     def _truncate_after(self, resume_step: int) -> None:

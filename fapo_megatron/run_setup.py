@@ -70,9 +70,7 @@ def build_judge_for_run(cfg: Config, session) -> Judge | None:
     from fapo_megatron.roles.genrm import GenRMWorker
 
     num = session.layout.num_workers("genrm") // cfg.genrm.tp
-    group = session.worker_group(
-        "genrm", GenRMWorker, init_args=(to_dict(cfg),), num_workers=num
-    )
+    group = session.worker_group("genrm", GenRMWorker, init_args=(to_dict(cfg),), num_workers=num)
     group.call("release_engine")
     return WorkerJudge(group)
 

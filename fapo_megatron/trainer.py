@@ -101,9 +101,14 @@ class Trainer:
         bar.set_postfix_str(f"step {self.step + 1}: genrm")
         with timer.phase("genrm"):
             graded = grade_rollouts(
-                items, generations, torch.tensor(correct, dtype=torch.bool), self.judge,
-                algorithm=self._reward_algorithm(), rollout=cfg.rollout, genrm=cfg.genrm,
-            )  # fmt: skip
+                items,
+                generations,
+                torch.tensor(correct, dtype=torch.bool),
+                self.judge,
+                algorithm=self._reward_algorithm(),
+                rollout=cfg.rollout,
+                genrm=cfg.genrm,
+            )
         batch = build_train_batch(generations, graded.advantages, graded.keep, self.data.tokenizer.pad_token_id)
 
         bar.set_postfix_str(f"step {self.step + 1}: log-probs")
@@ -145,13 +150,20 @@ class Trainer:
         cfg = self.cfg
         if validation:
             return SamplingParams(
-                max_new_tokens=cfg.rollout.max_response_tokens, temperature=cfg.trainer.val_temperature,
-                top_p=cfg.trainer.val_top_p, n=cfg.trainer.val_n, seed=cfg.trainer.seed + 7919 * self.step,
-            )  # fmt: skip
+                max_new_tokens=cfg.rollout.max_response_tokens,
+                temperature=cfg.trainer.val_temperature,
+                top_p=cfg.trainer.val_top_p,
+                n=cfg.trainer.val_n,
+                seed=cfg.trainer.seed + 7919 * self.step,
+            )
         return SamplingParams(
-            max_new_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, n=cfg.rollout.n, seed=cfg.trainer.seed + self.step,
-        )  # fmt: skip
+            max_new_tokens=cfg.rollout.max_response_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            n=cfg.rollout.n,
+            seed=cfg.trainer.seed + self.step,
+        )
 
     def generate(self, prompts, params: SamplingParams):
         shards = self.policy.call("generate", prompts, params)
@@ -225,8 +237,14 @@ def _prune(root: Path, keep: int) -> None:
 def _progress(cfg: Config, initial: int):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.trainer.steps, initial=initial, desc="FAPO" if cfg.algorithm.name == "fapo" else "GRPO",
-                unit="step", disable=not cfg.trainer.progress, dynamic_ncols=True)
+    return tqdm(
+        total=cfg.trainer.steps,
+        initial=initial,
+        desc="FAPO" if cfg.algorithm.name == "fapo" else "GRPO",
+        unit="step",
+        disable=not cfg.trainer.progress,
+        dynamic_ncols=True,
+    )
 
 
 def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> None:
@@ -234,8 +252,13 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     if not summary:
         return
     first, last = summary[0], summary[-1]
-    rows = [("reward/accuracy", "accuracy"), ("reward/flawed_positive_share", "flawed-positive share"),
-            ("reward/mean", "reward"), ("response/length_mean", "response length"), ("val/accuracy", "val accuracy")]
+    rows = [
+        ("reward/accuracy", "accuracy"),
+        ("reward/flawed_positive_share", "flawed-positive share"),
+        ("reward/mean", "reward"),
+        ("response/length_mean", "response length"),
+        ("val/accuracy", "val accuracy"),
+    ]
     print(f"\n{'metric':<24}{'first step':>12}{'last step':>12}")
     for key, label in rows:
         if key in last:

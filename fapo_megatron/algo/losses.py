@@ -148,9 +148,12 @@ def ppo_loss(
       * pg_loss, kl_loss, entropy_loss: this call's share of each aggregated term: combine by sum.
     """
     _check_inputs(
-        logprobs, old_logprobs, advantages, mask,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
         {"rollout_logprobs": rollout_logprobs, "ref_logprobs": ref_logprobs, "entropy": entropy},
-    )  # fmt: skip
+    )
     missing_inputs = {
         "tis_cap > 0 needs rollout_logprobs (rollout engine's log-probs)": tis_cap > 0 and rollout_logprobs is None,
         "kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)": kl_coef > 0 and ref_logprobs is None,

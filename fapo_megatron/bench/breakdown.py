@@ -212,9 +212,16 @@ def breakdown_run(
         peak_tflops = DEFAULT_GPU_PEAK_TFLOPS
     steps = [step_breakdown(r, cfg, prompt_tokens) for r in records[skip_first:]]
     shape = policy_shape(cfg)
-    run = RunBreakdown(run_dir=str(run_dir), model=shape.name, device=cfg.cluster.device,
-                       world_size=cfg.cluster.world_size, peak_tflops=peak_tflops, skip_first=skip_first,
-                       prompt_tokens_source=source, steps=steps)  # fmt: skip
+    run = RunBreakdown(
+        run_dir=str(run_dir),
+        model=shape.name,
+        device=cfg.cluster.device,
+        world_size=cfg.cluster.world_size,
+        peak_tflops=peak_tflops,
+        skip_first=skip_first,
+        prompt_tokens_source=source,
+        steps=steps,
+    )
     return summarize(run, shape, cfg)
 
 

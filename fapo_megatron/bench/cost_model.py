@@ -90,9 +90,17 @@ class CostAssumptions:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 0:
                 raise ConfigError(f"cost assumption {f.name}={getattr(self, f.name)} must be >= 0")
-        for name in ("peak_tflops", "actor_mfu", "logprob_mfu", "decode_ref_tokens_per_s_per_gpu",
-                     "decode_ref_params_b", "hbm_tb_per_s", "decode_bandwidth_efficiency", "prefill_mfu",
-                     "weight_sync_gb_per_s"):  # fmt: skip
+        for name in (
+            "peak_tflops",
+            "actor_mfu",
+            "logprob_mfu",
+            "decode_ref_tokens_per_s_per_gpu",
+            "decode_ref_params_b",
+            "hbm_tb_per_s",
+            "decode_bandwidth_efficiency",
+            "prefill_mfu",
+            "weight_sync_gb_per_s",
+        ):
             if getattr(self, name) == 0:
                 raise ConfigError(f"cost assumption {name} must be > 0")
 
@@ -176,18 +184,34 @@ def predict(
     peak = gpus * a.peak_tflops * 1e12
     rate = decode_rate(a, policy, a.rollout_tokens_per_s_per_gpu)
     seconds = {
-        "rollout": generation_seconds(a, policy, tp=cfg.rollout.tp, gpus=gpus, sequences=rollouts,
-                                      prompt_tokens=a.prompt_tokens_mean, mean_out=response,
-                                      longest_out=cfg.rollout.max_response_tokens, rate=rate),  # fmt: skip
+        "rollout": generation_seconds(
+            a,
+            policy,
+            tp=cfg.rollout.tp,
+            gpus=gpus,
+            sequences=rollouts,
+            prompt_tokens=a.prompt_tokens_mean,
+            mean_out=response,
+            longest_out=cfg.rollout.max_response_tokens,
+            rate=rate,
+        ),
         "genrm": 0.0,
         "logprobs": rollouts * seq * forward_flops_per_token(policy, seq) / (peak * a.logprob_mfu),
-        "update": cfg.algorithm.ppo_epochs * rollouts * seq * train_flops_per_token(policy, seq)
-        * (4.0 / 3.0 if cfg.parallel.recompute == "full" else 1.0) / (peak * a.actor_mfu),
+        "update": cfg.algorithm.ppo_epochs
+        * rollouts
+        * seq
+        * train_flops_per_token(policy, seq)
+        * (4.0 / 3.0 if cfg.parallel.recompute == "full" else 1.0)
+        / (peak * a.actor_mfu),
         "weight_sync": 2.0 * policy.num_params / cfg.rollout.tp / (a.weight_sync_gb_per_s * 1e9),
     }
-    detail = {"rollouts": rollouts, "response_tokens_mean": response, "rollout_tokens_per_s_per_gpu": rate,
-              "policy_single_sequence_tokens_per_s": single_sequence_rate(a, policy, cfg.rollout.tp),
-              "update_gflop_per_token": train_flops_per_token(policy, seq) / 1e9}  # fmt: skip
+    detail = {
+        "rollouts": rollouts,
+        "response_tokens_mean": response,
+        "rollout_tokens_per_s_per_gpu": rate,
+        "policy_single_sequence_tokens_per_s": single_sequence_rate(a, policy, cfg.rollout.tp),
+        "update_gflop_per_token": train_flops_per_token(policy, seq) / 1e9,
+    }
     if genrm is not None:
         judged = a.accuracy * rollouts
         genrm_gpus = cfg.cluster.genrm_devices if cfg.genrm.placement == "separate" else gpus
@@ -195,12 +219,23 @@ def predict(
         longest = min(max(a.genrm_longest_tokens, mean_out), cfg.genrm.max_new_tokens)
         genrm_rate = decode_rate(a, genrm, a.genrm_tokens_per_s_per_gpu)
         seconds["genrm"] = generation_seconds(
-            a, genrm, tp=cfg.genrm.tp, gpus=genrm_gpus, sequences=judged, mean_out=mean_out, longest_out=longest,
-            prompt_tokens=seq + a.genrm_prompt_overhead_tokens, rate=genrm_rate,
-        )  # fmt: skip
-        detail.update(judged=judged, genrm_output_tokens_mean=mean_out, genrm_longest_tokens=longest,
-                      genrm_tokens_per_s_per_gpu=genrm_rate,
-                      genrm_single_sequence_tokens_per_s=single_sequence_rate(a, genrm, cfg.genrm.tp))  # fmt: skip
+            a,
+            genrm,
+            tp=cfg.genrm.tp,
+            gpus=genrm_gpus,
+            sequences=judged,
+            mean_out=mean_out,
+            longest_out=longest,
+            prompt_tokens=seq + a.genrm_prompt_overhead_tokens,
+            rate=genrm_rate,
+        )
+        detail.update(
+            judged=judged,
+            genrm_output_tokens_mean=mean_out,
+            genrm_longest_tokens=longest,
+            genrm_tokens_per_s_per_gpu=genrm_rate,
+            genrm_single_sequence_tokens_per_s=single_sequence_rate(a, genrm, cfg.genrm.tp),
+        )
     return Prediction(name=name or policy.name, gpus=gpus, seconds=seconds, detail=detail, steps=cfg.trainer.steps)
 
 
@@ -231,4 +266,3 @@ def shapes_for(cfg: Config) -> tuple[ModelShape, ModelShape | None]:
     if uses_genrm_model(cfg):
         genrm = resolve_shape(cfg.genrm.model_path, cfg.sizing.genrm_shape, "sizing.genrm_shape")
     return policy, genrm
-

@@ -27,9 +27,11 @@ def format_prediction(pred: Prediction) -> str:
     """Seconds and share per phase, next to the paper's reported share for that model (FAPO.md)."""
     paper = PAPER_SPLITS.get(pred.name)
     note = f" (paper: {paper['nodes']} nodes)" if paper else ""
-    rows = [f"{pred.name} on {pred.gpus} GPUs: step {pred.step_seconds:.1f} s, {pred.steps} steps = "
-            f"{pred.run_hours:.1f} h",  # fmt: skip
-            f"  {'phase':<12}{'seconds':>10}{'predicted':>11}   paper{note}"]
+    rows = [
+        f"{pred.name} on {pred.gpus} GPUs: step {pred.step_seconds:.1f} s, {pred.steps} steps = "
+        f"{pred.run_hours:.1f} h",
+        f"  {'phase':<12}{'seconds':>10}{'predicted':>11}   paper{note}",
+    ]
     shares = pred.shares
     for phase in PHASES:
         reported = f"{100 * paper[phase]:.0f} %" if paper and phase in paper else "-"
@@ -66,20 +68,30 @@ def genrm_frontier(cfg: Config, a: CostAssumptions, policy: ModelShape, genrm: M
         fixed = pred.seconds["genrm"] - bulk_work / rate
         other = pred.step_seconds - pred.seconds["genrm"]
         room = target / (1.0 - target) * other - fixed
-        rows.append(FrontierRow(max_new_tokens=int(budget), genrm_share=pred.shares["genrm"], fixed_seconds=fixed,
-                                min_rate=bulk_work / room if room > 0 else None))  # fmt: skip
+        rows.append(
+            FrontierRow(
+                max_new_tokens=int(budget),
+                genrm_share=pred.shares["genrm"],
+                fixed_seconds=fixed,
+                min_rate=bulk_work / room if room > 0 else None,
+            )
+        )
     return rows
 
 
 def format_frontier(name: str, rows: list[FrontierRow], a: CostAssumptions, genrm: ModelShape, target: float) -> str:
     rate = decode_rate(a, genrm, a.genrm_tokens_per_s_per_gpu)
-    lines = [f"colocated GenRM ({genrm.name}) share of the {name} step vs its output budget (longest verdict = the "
-             f"budget, mean {a.genrm_output_tokens_mean:g} tokens); assumed bulk rate {rate:.0f} tokens/s/GPU:",
-             f"  {'max_new_tokens':>14}{'GenRM share':>13}{'fixed s':>9}  bulk tokens/s/GPU needed for <= "
-             f"{100 * target:.0f} %"]  # fmt: skip
+    lines = [
+        f"colocated GenRM ({genrm.name}) share of the {name} step vs its output budget (longest verdict = the "
+        f"budget, mean {a.genrm_output_tokens_mean:g} tokens); assumed bulk rate {rate:.0f} tokens/s/GPU:",
+        f"  {'max_new_tokens':>14}{'GenRM share':>13}{'fixed s':>9}  bulk tokens/s/GPU needed for <= "
+        f"{100 * target:.0f} %",
+    ]
     for row in rows:
         need = f"{row.min_rate:.0f}" if row.min_rate is not None else "unreachable (fixed part alone is over)"
         ok = "yes" if row.genrm_share <= target else "no"
-        lines.append(f"  {row.max_new_tokens:>14}{100 * row.genrm_share:>11.1f} %{row.fixed_seconds:>9.1f}  {need}"
-                     f"   (at the assumed rate: {ok})")  # fmt: skip
+        lines.append(
+            f"  {row.max_new_tokens:>14}{100 * row.genrm_share:>11.1f} %{row.fixed_seconds:>9.1f}  {need}"
+            f"   (at the assumed rate: {ok})"
+        )
     return "\n".join(lines)

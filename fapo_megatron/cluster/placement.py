@@ -132,6 +132,7 @@ def order_bundles(bundle_nodes: list[tuple[str, int | None]]) -> list[int]:
     `bundle_nodes[i]` is (node IP or hostname, GPU id or None on cpu) of physical bundle i as Ray reports it.
     Returns `order` with `order[logical] = physical`.
     """
+
     def key(index: int) -> tuple:
         node, gpu_id = bundle_nodes[index]
         return (*_node_key(node), -1 if gpu_id is None else int(gpu_id), index)

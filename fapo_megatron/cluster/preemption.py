@@ -45,8 +45,11 @@ def install_preemption_handler(signals: tuple[signal.Signals, ...] = PREEMPTION_
         if not flag.requested:
             flag.requested = True
             flag.signal_name = name
-        print(f"fapo-megatron: {name} received; will checkpoint after this step and exit {EXIT_PREEMPTED}",
-              file=sys.stderr, flush=True)
+        print(
+            f"fapo-megatron: {name} received; will checkpoint after this step and exit {EXIT_PREEMPTED}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for sig in signals:
         signal.signal(sig, handle)

@@ -62,14 +62,25 @@ def check_plan(cfg: Config, node: str) -> list[Failure]:
     failures = []
     par = cfg.parallel
     if par.tp > cfg.cluster.devices_per_node:
-        failures.append(Failure(node, "plan", f"parallel.tp={par.tp} spans nodes (cluster.devices_per_node="
-                                              f"{cfg.cluster.devices_per_node}); keep TP inside a node"))
+        failures.append(
+            Failure(
+                node,
+                "plan",
+                f"parallel.tp={par.tp} spans nodes (cluster.devices_per_node="
+                f"{cfg.cluster.devices_per_node}); keep TP inside a node",
+            )
+        )
     policy = _shape_or_none(cfg.model.path, cfg.sizing.model_shape)
     if policy is not None:
         failures += _divisibility(policy, "parallel.tp", par.tp, node, megatron=True)
         if policy.layers % par.pp:
-            failures.append(Failure(node, "plan", f"{policy.name}: {policy.layers} layers do not split into "
-                                                  f"parallel.pp={par.pp} stages"))
+            failures.append(
+                Failure(
+                    node,
+                    "plan",
+                    f"{policy.name}: {policy.layers} layers do not split into parallel.pp={par.pp} stages",
+                )
+            )
         failures += _divisibility(policy, "rollout.tp", cfg.rollout.tp, node, megatron=False)
     if uses_genrm_model(cfg):
         genrm = _shape_or_none(cfg.genrm.model_path, cfg.sizing.genrm_shape)
@@ -77,8 +88,9 @@ def check_plan(cfg: Config, node: str) -> list[Failure]:
             failures += _divisibility(genrm, "genrm.tp", cfg.genrm.tp, node, megatron=False)
     for key, tp in (("rollout.tp", cfg.rollout.tp), ("genrm.tp", cfg.genrm.tp)):
         if tp > cfg.cluster.devices_per_node:
-            failures.append(Failure(node, "plan", f"{key}={tp} exceeds cluster.devices_per_node="
-                                                  f"{cfg.cluster.devices_per_node}"))
+            failures.append(
+                Failure(node, "plan", f"{key}={tp} exceeds cluster.devices_per_node={cfg.cluster.devices_per_node}")
+            )
     return failures
 
 
@@ -110,8 +122,14 @@ def check_job(cfg: Config, node: str, env: dict[str, str] | None = None) -> list
         return []
     have, need = int(env["SLURM_JOB_NUM_NODES"]), job_num_nodes(cfg)
     if have != need:
-        return [Failure(node, "job", f"the job has {have} nodes, the config needs {need} (cluster.num_nodes="
-                                     f"{cfg.cluster.num_nodes} + GenRM pool)")]
+        return [
+            Failure(
+                node,
+                "job",
+                f"the job has {have} nodes, the config needs {need} (cluster.num_nodes="
+                f"{cfg.cluster.num_nodes} + GenRM pool)",
+            )
+        ]
     return []
 
 
@@ -124,9 +142,15 @@ def check_gpus(cfg: Config, node: str, visible: int | None = None) -> list[Failu
 
         visible = torch.cuda.device_count()
     if visible != cfg.cluster.devices_per_node:
-        return [Failure(node, "gpus", f"{visible} GPUs visible (CUDA_VISIBLE_DEVICES="
-                                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), the config wants "
-                                      f"cluster.devices_per_node={cfg.cluster.devices_per_node}")]
+        return [
+            Failure(
+                node,
+                "gpus",
+                f"{visible} GPUs visible (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), the config wants "
+                f"cluster.devices_per_node={cfg.cluster.devices_per_node}",
+            )
+        ]
     return []
 
 
@@ -137,16 +161,26 @@ def check_disk(cfg: Config, node: str) -> list[Failure]:
         target = target.parent
     free_gb = shutil.disk_usage(target).free / 1e9
     if free_gb < cfg.slurm.min_free_disk_gb:
-        return [Failure(node, "disk", f"{free_gb:.1f} GB free under {target}, slurm.min_free_disk_gb="
-                                      f"{cfg.slurm.min_free_disk_gb:g} needed for checkpoints")]
+        return [
+            Failure(
+                node,
+                "disk",
+                f"{free_gb:.1f} GB free under {target}, slurm.min_free_disk_gb="
+                f"{cfg.slurm.min_free_disk_gb:g} needed for checkpoints",
+            )
+        ]
     return []
 
 
 def check_paths(cfg: Config, node: str) -> list[Failure]:
     """Every file and folder the run reads exists here and is readable."""
-    wanted = [("model.path", cfg.model.path, "config.json"), ("model.tokenizer", cfg.model.tokenizer, ""),
-              ("model.megatron_checkpoint", cfg.model.megatron_checkpoint, ""),
-              ("data.train_path", cfg.data.train_path, ""), ("data.val_path", cfg.data.val_path, "")]
+    wanted = [
+        ("model.path", cfg.model.path, "config.json"),
+        ("model.tokenizer", cfg.model.tokenizer, ""),
+        ("model.megatron_checkpoint", cfg.model.megatron_checkpoint, ""),
+        ("data.train_path", cfg.data.train_path, ""),
+        ("data.val_path", cfg.data.val_path, ""),
+    ]
     if uses_genrm_model(cfg):
         wanted.append(("genrm.model_path", cfg.genrm.model_path, "config.json"))
     failures = []
@@ -169,8 +203,9 @@ def local_checks(cfg: Config, task: Task) -> list[Failure]:
     return failures
 
 
-def allreduce_check(cfg: Config, task: Task, master_addr: str, master_port: int,
-                    timeout_s: float = 300.0) -> tuple[list[Failure], list[Failure], str]:
+def allreduce_check(
+    cfg: Config, task: Task, master_addr: str, master_port: int, timeout_s: float = 300.0
+) -> tuple[list[Failure], list[Failure], str]:
     """All-reduce across every task and gather all tasks' failures on rank 0.
 
     Returns (all failures as rank 0 sees them, or this task's own when the collective broke; the local
@@ -185,8 +220,11 @@ def allreduce_check(cfg: Config, task: Task, master_addr: str, master_port: int,
         torch.cuda.set_device(task.local_rank)
     try:
         dist.init_process_group(
-            backend="cpu:gloo,cuda:nccl" if cuda else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
-            rank=task.rank, world_size=task.world, timeout=datetime.timedelta(seconds=timeout_s),
+            backend="cpu:gloo,cuda:nccl" if cuda else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=task.rank,
+            world_size=task.world,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     except Exception as err:  # noqa: BLE001 - any rendezvous error is this node's preflight failure
         broken = [Failure(task.node, "allreduce", f"rendezvous at {master_addr}:{master_port} failed: {err}")]
@@ -210,8 +248,10 @@ def allreduce_check(cfg: Config, task: Task, master_addr: str, master_port: int,
         gathered: list[list[Failure]] = [[] for _ in range(task.world)]
         dist.all_gather_object(gathered, own + bad)
         bus_gbps = 2 * (task.world - 1) / task.world * numel * 4 / seconds / 1e9
-        timing = f"all-reduce of {numel * 4 / 2**20:.0f} MiB over {task.world} tasks: {seconds * 1e3:.1f} ms, " \
-                 f"bus {bus_gbps:.2f} GB/s ({'nccl' if cuda else 'gloo'})"
+        timing = (
+            f"all-reduce of {numel * 4 / 2**20:.0f} MiB over {task.world} tasks: {seconds * 1e3:.1f} ms, "
+            f"bus {bus_gbps:.2f} GB/s ({'nccl' if cuda else 'gloo'})"
+        )
         return [failure for part in gathered for failure in part], bad, timing
     finally:
         dist.destroy_process_group()

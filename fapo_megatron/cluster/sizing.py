@@ -106,7 +106,14 @@ SHAPES = {
         name="qwen2.5-32b", hidden=5120, layers=64, heads=40, kv_heads=8, ffn=27648, vocab=152064, qkv_bias=True
     ),
     "qwen3-4b": ModelShape(
-        name="qwen3-4b", hidden=2560, layers=36, heads=32, kv_heads=8, ffn=9728, vocab=151936, head_dim=128,
+        name="qwen3-4b",
+        hidden=2560,
+        layers=36,
+        heads=32,
+        kv_heads=8,
+        ffn=9728,
+        vocab=151936,
+        head_dim=128,
         tied_embeddings=True,
     ),
 }
@@ -233,8 +240,12 @@ def _engine_phase(name, shape: ModelShape, tp: int, mem_fraction: float, seq: in
     kv = max(pool - weights, 0.0)
     phase.add(f"{shape.name} weights", weights, f"{shape.num_params / 1e9:.2f}B params / tp={tp} bf16")
     full_sequences = kv / kv_per_token / seq
-    phase.add("KV cache", kv, f"pool {mem_fraction:g} x GPU; {kv / kv_per_token / 1e3:.0f}k tokens = "
-              f"{full_sequences:.1f} x {seq}-token sequences")
+    phase.add(
+        "KV cache",
+        kv,
+        f"pool {mem_fraction:g} x GPU; {kv / kv_per_token / 1e3:.0f}k tokens = "
+        f"{full_sequences:.1f} x {seq}-token sequences",
+    )
     if full_sequences < 1:
         problems.append(
             f"{name} engine: {mem_fraction:g} x {cfg.sizing.gpu_memory_gb:g} GB leaves {kv / GB:.1f} GB of KV cache "

@@ -50,8 +50,12 @@ def sbatch_directives(cfg: Config) -> list[str]:
         lines += [f"--gpus-per-node={cfg.cluster.devices_per_node}", "--exclusive"]
     if slurm.cpus_per_node:
         lines.append(f"--cpus-per-task={slurm.cpus_per_node}")
-    for flag, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos),
-                        ("mem", slurm.mem)):
+    for flag, value in (
+        ("partition", slurm.partition),
+        ("account", slurm.account),
+        ("qos", slurm.qos),
+        ("mem", slurm.mem),
+    ):
         if value:
             lines.append(f"--{flag}={value}")
     if slurm.signal_lead_s:
@@ -99,12 +103,20 @@ def step_args(cfg: Config, workdir: Path) -> list[str]:
     return args
 
 
-def render_script(cfg: Config, config_path: str | Path, overrides: list[str], *, preflight_only: bool = False,
-                  template: Path = TEMPLATE) -> str:
+def render_script(
+    cfg: Config,
+    config_path: str | Path,
+    overrides: list[str],
+    *,
+    preflight_only: bool = False,
+    template: Path = TEMPLATE,
+) -> str:
     """The sbatch script of one job: `cfg` is `config_path` + `overrides` already loaded and checked."""
     if not template.is_file() or not RAY_NODE_SCRIPT.is_file():
-        raise ConfigError(f"{template} or {RAY_NODE_SCRIPT} is missing: install fapo-megatron from its repository "
-                          f"(pip install -e .) so tools/slurm/ is there")
+        raise ConfigError(
+            f"{template} or {RAY_NODE_SCRIPT} is missing: install fapo-megatron from its repository "
+            f"(pip install -e .) so tools/slurm/ is there"
+        )
     workdir = Path(cfg.slurm.workdir).resolve() if cfg.slurm.workdir else Path.cwd()
     cuda = cfg.cluster.device == "cuda"
     values = {
@@ -180,13 +192,14 @@ def joined_resources(ray_nodes: list[dict], resource: str) -> dict[str, float]:
         resources = entry.get("Resources", {})
         for key in resources:
             if key.startswith(NODE_RESOURCE_PREFIX):
-                name = key[len(NODE_RESOURCE_PREFIX):]
+                name = key[len(NODE_RESOURCE_PREFIX) :]
                 joined[name] = joined.get(name, 0.0) + resources.get(resource, 0.0)
     return joined
 
 
-def wait_for_ray(address: str, nodes: list[str], resource: str, per_node: int, timeout_s: float,
-                 poll_s: float = 2.0) -> dict[str, float]:
+def wait_for_ray(
+    address: str, nodes: list[str], resource: str, per_node: int, timeout_s: float, poll_s: float = 2.0
+) -> dict[str, float]:
     """Block until every Slurm node in `nodes` has `per_node` of `resource` in the Ray cluster at `address`.
 
     Raises TimeoutError naming each missing node and how much of it joined.

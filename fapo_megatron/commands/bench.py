@@ -1,8 +1,8 @@
 """`fapo-megatron bench {breakdown,run,predict}`: where step time goes, measured on a run or predicted for a recipe.
 
-  bench breakdown RUN_DIR        table + RUN_DIR/bench/breakdown.{json,png} from the trainer's timers
-  bench run CONFIG [k=v ...]     a short training run (--steps, default 4), then its breakdown
-  bench predict --model M        cost model: step time and phase shares on --nodes N, next to the paper's splits
+bench breakdown RUN_DIR        table + RUN_DIR/bench/breakdown.{json,png} from the trainer's timers
+bench run CONFIG [k=v ...]     a short training run (--steps, default 4), then its breakdown
+bench predict --model M        cost model: step time and phase shares on --nodes N, next to the paper's splits
 """
 
 from __future__ import annotations
@@ -25,24 +25,41 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("run", help="a short training run from a config, then its breakdown")
     p.add_argument("config", help="YAML config file, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, right after CONFIG (before any --flag); they win "
-                   "over --steps / --output-dir")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, right after CONFIG (before any --flag); they win over --steps / --output-dir",
+    )
     p.add_argument("--steps", type=int, default=4, help="trainer.steps of the benchmark run (default 4)")
     p.add_argument("--output-dir", default="", help="run folder (default runs/bench_<config name>); started afresh")
     _breakdown_args(p)
     p.set_defaults(func=run_bench)
 
     p = sub.add_parser("predict", help="predicted step time and breakdown of the 7B / 32B recipes on N nodes")
-    p.add_argument("--model", action="append", choices=("qwen2.5-math-7b", "qwen2.5-32b"),
-                   help="recipe to predict (repeatable; default both)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        action="append",
+        choices=("qwen2.5-math-7b", "qwen2.5-32b"),
+        help="recipe to predict (repeatable; default both)",
+    )
     p.add_argument("--config", default="", help="predict this config file instead of a shipped recipe")
     p.add_argument("--nodes", type=int, default=0, help="nodes (default: the recipe's cluster.num_nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. genrm.max_new_tokens=8192 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. genrm.max_new_tokens=8192 (repeatable)",
+    )
     p.add_argument("--assumptions", default="", help="JSON of cost assumptions, or a `bench breakdown` JSON")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
-                   help="one cost assumption, e.g. actor_mfu=0.35 (repeatable; wins over --assumptions)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="one cost assumption, e.g. actor_mfu=0.35 (repeatable; wins over --assumptions)",
+    )
     p.add_argument("--genrm-target", type=float, default=0.10, help="GenRM share the frontier aims at (0.10)")
     p.add_argument("--budgets", default="4096,8192,16384", help="genrm.max_new_tokens values of the frontier")
     p.add_argument("--json", default="", help="also write the predictions to this JSON file")
@@ -51,10 +68,18 @@ def register(subparsers) -> None:
 
 def _breakdown_args(p) -> None:
     p.add_argument("--skip-first", type=int, default=1, help="leave out the first N steps (warm-up; default 1)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s of one device for MFU (default 989 on cuda runs; cpu runs: n/a)")  # fmt: skip
-    p.add_argument("--prompt-tokens-mean", type=float, default=None,
-                   help="prompt tokens per sequence, instead of replaying the run's prompt sampler")  # fmt: skip
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s of one device for MFU (default 989 on cuda runs; cpu runs: n/a)",
+    )
+    p.add_argument(
+        "--prompt-tokens-mean",
+        type=float,
+        default=None,
+        help="prompt tokens per sequence, instead of replaying the run's prompt sampler",
+    )
     p.add_argument("--out", default="", help="folder for breakdown.json / .png (default RUN_DIR/bench)")
 
 
@@ -63,8 +88,12 @@ def run_breakdown(args) -> int:
 
     if args.skip_first < 0:
         raise ConfigError(f"--skip-first {args.skip_first}: must be >= 0")
-    run = breakdown_run(args.run_dir, skip_first=args.skip_first, peak_tflops=args.peak_tflops,
-                        prompt_tokens_mean=args.prompt_tokens_mean)  # fmt: skip
+    run = breakdown_run(
+        args.run_dir,
+        skip_first=args.skip_first,
+        peak_tflops=args.peak_tflops,
+        prompt_tokens_mean=args.prompt_tokens_mean,
+    )
     print(format_table(run))
     json_path, png_path = save_breakdown(run, args.out or Path(args.run_dir) / "bench")
     print(f"saved {json_path} and {png_path}")
@@ -98,9 +127,15 @@ def run_predict(args) -> int:
         policy, genrm = cm.shapes_for(cfg)
         pred = cm.predict(cfg, assumptions, policy, genrm, name=name)
         print(format_prediction(pred))
-        record = {"gpus": pred.gpus, "step_seconds": pred.step_seconds, "seconds": pred.seconds,
-                  "shares": pred.shares, "run_hours": pred.run_hours, "detail": pred.detail,
-                  "paper_shares": cm.PAPER_SPLITS.get(name)}  # fmt: skip
+        record = {
+            "gpus": pred.gpus,
+            "step_seconds": pred.step_seconds,
+            "seconds": pred.seconds,
+            "shares": pred.shares,
+            "run_hours": pred.run_hours,
+            "detail": pred.detail,
+            "paper_shares": cm.PAPER_SPLITS.get(name),
+        }
         if genrm is not None and cfg.genrm.placement == "colocated":
             rows = genrm_frontier(cfg, assumptions, policy, genrm, budgets, args.genrm_target)
             print(format_frontier(name, rows, assumptions, genrm, args.genrm_target))

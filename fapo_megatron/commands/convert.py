@@ -77,8 +77,10 @@ def _guarded(convert) -> int:
         return 2
     if result.parity is not None:
         print(result.parity.table())
-    print(f"wrote {result.out_dir} ({result.bytes_moved / 1e6:.1f} MB in {result.seconds:.1f} s, "
-          f"{result.mb_per_s:.1f} MB/s)")  # fmt: skip
+    print(
+        f"wrote {result.out_dir} ({result.bytes_moved / 1e6:.1f} MB in {result.seconds:.1f} s, "
+        f"{result.mb_per_s:.1f} MB/s)"
+    )
     return 0
 
 
@@ -87,10 +89,15 @@ def run_hf_to_megatron(args) -> int:
 
     code = _guarded(
         lambda: pipeline.hf_to_megatron(
-            args.hf, args.out, tp=args.tp, pp=args.pp, divisible_by=args.vocab_divisible_by,
-            thresholds=_thresholds(args), progress=not args.quiet,
+            args.hf,
+            args.out,
+            tp=args.tp,
+            pp=args.pp,
+            divisible_by=args.vocab_divisible_by,
+            thresholds=_thresholds(args),
+            progress=not args.quiet,
         )
-    )  # fmt: skip
+    )
     if code or not args.verify_roundtrip:
         return code
     problems = pipeline.verify_roundtrip(args.hf, args.out)
@@ -105,10 +112,14 @@ def run_megatron_to_hf(args) -> int:
 
     return _guarded(
         lambda: pipeline.megatron_to_hf(
-            args.ckpt, args.out, hf_config_from=args.hf_config_from, thresholds=_thresholds(args),
-            max_shard_bytes=args.max_shard_mb * 1024**2, progress=not args.quiet,
+            args.ckpt,
+            args.out,
+            hf_config_from=args.hf_config_from,
+            thresholds=_thresholds(args),
+            max_shard_bytes=args.max_shard_mb * 1024**2,
+            progress=not args.quiet,
         )
-    )  # fmt: skip
+    )
 
 
 def run_smollm2(args) -> int:

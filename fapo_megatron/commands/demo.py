@@ -26,8 +26,13 @@ def run(args) -> int:
     names = ["fapo", "grpo"] if args.compare else ["fapo"]
     runs = {}
     for name in names:
-        overrides = [f"model.path={policy}", f"algorithm.name={name}", f"trainer.output_dir={out / name}",
-                     "trainer.resume=none", *args.overrides]
+        overrides = [
+            f"model.path={policy}",
+            f"algorithm.name={name}",
+            f"trainer.output_dir={out / name}",
+            "trainer.resume=none",
+            *args.overrides,
+        ]
         cfg = load_config(args.config, overrides)
         _clear(out / name)
         print(f"\nfapo-megatron demo: {name.upper()} run -> {out / name}")

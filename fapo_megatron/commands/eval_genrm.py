@@ -18,15 +18,21 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval-genrm", help="evaluate a GenRM on ProcessBench / FlawedPositiveBench (resumable)"
     )
-    parser.add_argument("config", help="YAML config whose genrm section names the judge, e.g. "
-                        "configs/genrm_eval_fapo_genrm_4b.yaml")  # fmt: skip
+    parser.add_argument(
+        "config", help="YAML config whose genrm section names the judge, e.g. configs/genrm_eval_fapo_genrm_4b.yaml"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. genrm.max_new_tokens=8192")
-    parser.add_argument("--split", action="append", choices=SPLITS, help="a ProcessBench split (repeatable; "
-                        "default: all four)")  # fmt: skip
+    parser.add_argument(
+        "--split", action="append", choices=SPLITS, help="a ProcessBench split (repeatable; default: all four)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
     parser.add_argument("--output", default=None, help="run folder (default: runs/eval_genrm/<model name>)")
-    parser.add_argument("--data", default=None, help="folder of ProcessBench-format <split>.json files to use "
-                        "instead of the bundled ones (e.g. a copy with ground-truth answers)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder of ProcessBench-format <split>.json files to use "
+        "instead of the bundled ones (e.g. a copy with ground-truth answers)",
+    )
     parser.add_argument("--name", default=None, help="the model's name in the report (default: from the config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -54,16 +60,24 @@ def run(args) -> int:
     output = Path(args.output or Path("runs") / "eval_genrm" / name)
     examples = load_examples(args.split or SPLITS, data_dir=args.data, limit=args.limit, max_steps=genrm.max_steps)
     identity = {
-        "backend": genrm.backend, "model_path": genrm.model_path, "url": genrm.url, "api": genrm.api,
-        "temperature": genrm.temperature, "max_new_tokens": genrm.max_new_tokens, "max_steps": genrm.max_steps,
+        "backend": genrm.backend,
+        "model_path": genrm.model_path,
+        "url": genrm.url,
+        "api": genrm.api,
+        "temperature": genrm.temperature,
+        "max_new_tokens": genrm.max_new_tokens,
+        "max_steps": genrm.max_steps,
         "data": str(Path(args.data).resolve()) if args.data else "bundled",
-    }  # fmt: skip
+    }
     with _judge(cfg) as judge:
-        records = run_evaluation(judge, examples, output, identity=identity, chunk_size=genrm.concurrency,
-                                 progress=not args.quiet)  # fmt: skip
+        records = run_evaluation(
+            judge, examples, output, identity=identity, chunk_size=genrm.concurrency, progress=not args.quiet
+        )
     summary = summarize(records, max_new_tokens=genrm.max_new_tokens)
-    judge_line = (f"Judge: genrm.backend={genrm.backend}, {genrm.model_path or genrm.url}, temperature "
-                  f"{genrm.temperature}, max_new_tokens {genrm.max_new_tokens}, max_steps {genrm.max_steps}.")
+    judge_line = (
+        f"Judge: genrm.backend={genrm.backend}, {genrm.model_path or genrm.url}, temperature "
+        f"{genrm.temperature}, max_new_tokens {genrm.max_new_tokens}, max_steps {genrm.max_steps}."
+    )
     markdown = markdown_report(summary, name=name, judge_line=judge_line)
     json_path, md_path = write_report(output, summary, markdown)
     print(markdown, end="")

@@ -118,6 +118,8 @@ def run_wait_ray(args) -> int:
     except TimeoutError as err:
         print(f"fapo-megatron: {err}", file=sys.stderr)
         return 1
-    print(f"Ray at {args.address}: " + ", ".join(f"{node} {amount:g} {args.resource}" for node, amount in
-                                                sorted(joined.items())))
+    print(
+        f"Ray at {args.address}: "
+        + ", ".join(f"{node} {amount:g} {args.resource}" for node, amount in sorted(joined.items()))
+    )
     return 0

@@ -76,11 +76,15 @@ class HFReader:
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise CheckpointError(f"{path}: not a safetensors file (bad header: {err})") from err
             headers[shard] = {
-                name: (entry["dtype"], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0],
-                       8 + size + entry["data_offsets"][1])
+                name: (
+                    entry["dtype"],
+                    tuple(entry["shape"]),
+                    8 + size + entry["data_offsets"][0],
+                    8 + size + entry["data_offsets"][1],
+                )
                 for name, entry in raw.items()
                 if name != "__metadata__"
-            }  # fmt: skip
+            }
         return headers[shard]
 
     def _entry(self, name: str) -> tuple:
@@ -123,9 +127,17 @@ class HFReader:
 
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass

@@ -153,9 +153,13 @@ def hf_to_megatron(
     reader.bytes_read = 0
     with _progress(reader.total_bytes(), "hf -> megatron", progress) as bar:
         megatron_io.save_from_hf(
-            model_spec, spec, reader.get, partial, dtype=reader.dtype(),
+            model_spec,
+            spec,
+            reader.get,
+            partial,
+            dtype=reader.dtype(),
             on_tensor=lambda *_: bar.update(reader.bytes_read - bar.n),
-        )  # fmt: skip
+        )
     hf_io.copy_aux_files(hf_dir, partial / HF_SUBDIR)
     _write_meta(partial, hf_io.read_config(hf_dir), hf_dir, tp=tp, pp=pp)
     _finish_out(partial, out_dir)
@@ -211,9 +215,7 @@ def check_parity(hf_dir: Path, ckpt_dir: Path, model_spec, spec, thresholds: par
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    megatron_model = megatron_io.build_model(
-        model_spec, dtype=torch.float32, padded_vocab_size=spec.padded_vocab_size
-    )
+    megatron_model = megatron_io.build_model(model_spec, dtype=torch.float32, padded_vocab_size=spec.padded_vocab_size)
     megatron_io.load_checkpoint(megatron_model, ckpt_dir)
     prompts = parity.prompt_ids(hf_dir, spec.vocab_size)
     report = parity.compare(hf_model, megatron_model, prompts, thresholds)

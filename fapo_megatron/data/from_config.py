@@ -14,8 +14,12 @@ def load_train_val(cfg: DataConfig, *, genrm_max_steps: int = 32) -> tuple[list[
     `genrm_max_steps` (genrm.max_steps) is the step split of GenRM training prompts (data.format=genrm_steps).
     """
     if cfg.format == "arith":
-        steps = {"min_steps": cfg.arith_min_steps, "max_steps": cfg.arith_max_steps,
-                 "max_value": cfg.arith_max_value, "max_operand": cfg.arith_max_operand}
+        steps = {
+            "min_steps": cfg.arith_min_steps,
+            "max_steps": cfg.arith_max_steps,
+            "max_value": cfg.arith_max_value,
+            "max_operand": cfg.arith_max_operand,
+        }
         train = make_arith_items(cfg.arith_num_train, cfg.seed, split="train", **steps)
         val = make_arith_items(cfg.arith_num_val, cfg.seed, split="val", **steps) if cfg.arith_num_val else []
         return train, val

@@ -38,11 +38,21 @@ def load_genrm_items(path: str, max_steps: int) -> list[PromptItem]:
         request, label, num_steps = to_judge_example(item, max_steps)
         steps = split_steps(request.solution, max_steps)
         messages = build_genrm_messages(request.problem, steps, request.ground_truth)
-        items.append(PromptItem(
-            prompt=messages[-1]["content"], messages=messages, ground_truth=str(label), source="genrm_steps",
-            index=index, meta={"id": item.id, "label": label, "num_steps": num_steps,
-                               "final_answer_correct": item.final_answer_correct},
-        ))  # fmt: skip
+        items.append(
+            PromptItem(
+                prompt=messages[-1]["content"],
+                messages=messages,
+                ground_truth=str(label),
+                source="genrm_steps",
+                index=index,
+                meta={
+                    "id": item.id,
+                    "label": label,
+                    "num_steps": num_steps,
+                    "final_answer_correct": item.final_answer_correct,
+                },
+            )
+        )
     return items
 
 

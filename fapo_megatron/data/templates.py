@@ -15,7 +15,7 @@ def render_prompt(item: PromptItem, tokenizer) -> str:
 
 
 def encode_prompt(item: PromptItem, tokenizer) -> list[int]:
-    """Token ids of the rendered prompt, starting with BOS when the tokenizer has one and the template did not add it."""
+    """Token ids of the rendered prompt, with BOS first where the tokenizer has one and the template left it out."""
     ids = tokenizer(render_prompt(item, tokenizer), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):

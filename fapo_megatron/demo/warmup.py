@@ -68,8 +68,14 @@ def build_tiny_llama(vocab_size: int, cfg: WarmupConfig, tokenizer):
 def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
     """(token ids of prompt + solution + eos, prompt length) for the warm-up mixture."""
     rng = random.Random(cfg.seed)
-    items = make_arith_items(cfg.num_items, seed=cfg.seed + 1, min_steps=cfg.min_steps, max_steps=cfg.max_steps,
-                             max_value=cfg.max_value, max_operand=cfg.max_operand)
+    items = make_arith_items(
+        cfg.num_items,
+        seed=cfg.seed + 1,
+        min_steps=cfg.min_steps,
+        max_steps=cfg.max_steps,
+        max_value=cfg.max_value,
+        max_operand=cfg.max_operand,
+    )
     examples = []
     for item in items:
         draw = rng.random()
@@ -119,8 +125,9 @@ def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: b
     model.train()
     for _ in bar:
         input_ids, labels = sft_batch(rng.sample(examples, cfg.batch_size), tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id),
-                     labels=labels).loss
+        loss = model(
+            input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id), labels=labels
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,5 +138,7 @@ def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: b
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    stamp.write_text(json.dumps({"config": asdict(cfg), "final_loss": losses[-1], "seconds": time.perf_counter() - start}))
+    stamp.write_text(
+        json.dumps({"config": asdict(cfg), "final_loss": losses[-1], "seconds": time.perf_counter() - start})
+    )
     return out_dir

@@ -105,6 +105,7 @@ class ColocatedScheduler:
 
     def push_weights(self, buckets: Iterable[WeightBucket] | Callable[[], Iterable[WeightBucket]]) -> None:
         """New actor weights into the (still released) rollout engine, bucket by bucket."""
+
         def work():
             self.rollout_engine.update_weights(buckets() if callable(buckets) else buckets)
 

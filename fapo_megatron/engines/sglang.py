@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fapo_megatron.engines.base import Engine, EngineError, Generation, SamplingParams, WeightBucket
-from fapo_megatron.engines.sglang_client import SGLangClient, ServerUnreachable
+from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
 
@@ -90,16 +90,24 @@ class SGLangServerArgs:
         program = self.launch_command or [sys.executable, "-m", "sglang.launch_server"]
         args = [
             *program,
-            "--model-path", self.model_path,
-            "--tp-size", str(self.tp_size),
-            "--mem-fraction-static", str(self.mem_fraction_static),
-            "--host", self.host,
-            "--port", str(self.port),
-            "--base-gpu-id", str(self.base_gpu_id),
-            "--random-seed", str(self.random_seed),
-            "--dtype", self.dtype,
+            "--model-path",
+            self.model_path,
+            "--tp-size",
+            str(self.tp_size),
+            "--mem-fraction-static",
+            str(self.mem_fraction_static),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--base-gpu-id",
+            str(self.base_gpu_id),
+            "--random-seed",
+            str(self.random_seed),
+            "--dtype",
+            self.dtype,
             "--skip-server-warmup",
-        ]  # fmt: skip
+        ]
         if self.enable_memory_saver:
             args.append("--enable-memory-saver")
         if self.skip_tokenizer_init:

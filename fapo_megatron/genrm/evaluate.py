@@ -67,13 +67,26 @@ class VerdictRecord:
 
     @classmethod
     def of(cls, example: BenchExample, verdict: Verdict) -> VerdictRecord:
-        return cls(example.split, example.item_id, example.label, example.num_steps, example.answer_correct,
-                   verdict.status.value, verdict.first_error_step, verdict.output_tokens, verdict.detail,
-                   verdict.raw_text)  # fmt: skip
+        return cls(
+            example.split,
+            example.item_id,
+            example.label,
+            example.num_steps,
+            example.answer_correct,
+            verdict.status.value,
+            verdict.first_error_step,
+            verdict.output_tokens,
+            verdict.detail,
+            verdict.raw_text,
+        )
 
     def verdict(self) -> Verdict:
-        return Verdict(VerdictStatus(self.status), first_error_step=self.pred, num_steps=self.num_steps,
-                       output_tokens=self.output_tokens)  # fmt: skip
+        return Verdict(
+            VerdictStatus(self.status),
+            first_error_step=self.pred,
+            num_steps=self.num_steps,
+            output_tokens=self.output_tokens,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -188,8 +201,14 @@ def run_evaluation(
     log = VerdictLog(output_dir / VERDICTS_FILE)
     done = log.load()
     todo = [e for e in examples if (r := done.get((e.split, e.item_id))) is None or r.status not in FINAL_STATUSES]
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="GenRM eval", unit="item",
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(examples),
+        initial=len(examples) - len(todo),
+        desc="GenRM eval",
+        unit="item",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
@@ -227,8 +246,9 @@ def summarize(records: Sequence[VerdictRecord], *, max_new_tokens: int | None = 
             "f1": metrics["processbench/f1"],
             "missing": int(metrics["missing"]),
         }
-    overall = processbench_metrics([r.verdict() for r in records], [r.label for r in records],
-                                   [r.answer_correct for r in records])  # fmt: skip
+    overall = processbench_metrics(
+        [r.verdict() for r in records], [r.label for r in records], [r.answer_correct for r in records]
+    )
     positives = [r for r in records if r.answer_correct]
     flagged = [r for r in positives if r.pred is not None and r.pred != -1]
     return {
@@ -259,8 +279,14 @@ def _length_stats(records: Sequence[VerdictRecord], max_new_tokens: int | None) 
     def rank(q: float) -> int:
         return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
 
-    stats = {"answered": len(lengths), "mean": sum(lengths) / len(lengths), "median": rank(0.5),
-             "p90": rank(0.9), "p99": rank(0.99), "max": lengths[-1]}  # fmt: skip
+    stats = {
+        "answered": len(lengths),
+        "mean": sum(lengths) / len(lengths),
+        "median": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "max": lengths[-1],
+    }
     if max_new_tokens is not None:
         stats["at_budget"] = sum(length >= max_new_tokens for length in lengths)
     return stats
@@ -273,26 +299,38 @@ def markdown_report(summary: dict, *, name: str, judge_line: str = "") -> str:
     if judge_line:
         lines += [judge_line, ""]
     if not summary["complete"]:
-        lines += [f"**Partial run** ({summary['items']} of {sum(SPLIT_SIZES.values())} ProcessBench items, "
-                  f"{fpb['items']} of 1700 FlawedPositiveBench items): not comparable with the paper's rows.", ""]
+        lines += [
+            f"**Partial run** ({summary['items']} of {sum(SPLIT_SIZES.values())} ProcessBench items, "
+            f"{fpb['items']} of 1700 FlawedPositiveBench items): not comparable with the paper's rows.",
+            "",
+        ]
     lines += ["| model | FPB P | FPB R | FPB F1 | ProcessBench F1 |", "|---|---|---|---|---|"]
     lines += [f"| {model} (paper) | {p:.1f} | {r:.1f} | {f:.1f} | {pf:.1f} |" for model, p, r, f, pf in PAPER_ROWS]
-    lines += [f"| **{name} (ours)** | {100 * fpb['precision']:.1f} | {100 * fpb['recall']:.1f} | "
-              f"{100 * fpb['f1']:.1f} | {100 * pb['average_f1']:.1f} |", ""]  # fmt: skip
+    lines += [
+        f"| **{name} (ours)** | {100 * fpb['precision']:.1f} | {100 * fpb['recall']:.1f} | "
+        f"{100 * fpb['f1']:.1f} | {100 * pb['average_f1']:.1f} |",
+        "",
+    ]
     lines += ["| ProcessBench split | items | erroneous acc | correct acc | F1 | no verdict |", "|---" * 6 + "|"]
     for split, m in pb["splits"].items():
-        lines.append(f"| {split} | {m['items']} | {100 * m['acc_erroneous']:.1f} | {100 * m['acc_correct']:.1f} | "
-                     f"{100 * m['f1']:.1f} | {m['missing']} |")  # fmt: skip
+        lines.append(
+            f"| {split} | {m['items']} | {100 * m['acc_erroneous']:.1f} | {100 * m['acc_correct']:.1f} | "
+            f"{100 * m['f1']:.1f} | {m['missing']} |"
+        )
     lines += [f"| average | | | | {100 * pb['average_f1']:.1f} | |", ""]
-    lines.append(f"FlawedPositiveBench: {fpb['items']} items, {fpb['flawed']} flawed, {fpb['flagged']} flagged, "
-                 f"{fpb['true_positive']} flagged correctly, {fpb['missing']} without a verdict.")  # fmt: skip
+    lines.append(
+        f"FlawedPositiveBench: {fpb['items']} items, {fpb['flawed']} flawed, {fpb['flagged']} flagged, "
+        f"{fpb['true_positive']} flagged correctly, {fpb['missing']} without a verdict."
+    )
     counts = ", ".join(f"{status} {count}" for status, count in summary["status"].items())
     lines += ["", f"Verdicts: {counts} (a missing verdict counts as a wrong index and as not flagged).", ""]
     tokens = summary["output_tokens"]
     if tokens["answered"]:
         budget = f"; at the output budget: {tokens['at_budget']}" if "at_budget" in tokens else ""
-        lines.append(f"Output tokens over {tokens['answered']} answered items: mean {tokens['mean']:.0f}, median "
-                     f"{tokens['median']}, p90 {tokens['p90']}, p99 {tokens['p99']}, max {tokens['max']}{budget}.")
+        lines.append(
+            f"Output tokens over {tokens['answered']} answered items: mean {tokens['mean']:.0f}, median "
+            f"{tokens['median']}, p90 {tokens['p90']}, p99 {tokens['p99']}, max {tokens['max']}{budget}."
+        )
     return "\n".join(lines) + "\n"
 
 

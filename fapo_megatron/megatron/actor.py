@@ -28,7 +28,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from fapo_megatron.algo import ppo_loss
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.config import Config
-from fapo_megatron.megatron import model as mcore, platform
+from fapo_megatron.megatron import model as mcore
+from fapo_megatron.megatron import platform
 from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logprobs
 from fapo_megatron.megatron.offload import StateOffloader
 from fapo_megatron.models import hf_mapping, registry
@@ -118,9 +119,13 @@ class MegatronActor:
             return handles[file].get_tensor(name)
 
         state = hf_mapping.rank_state_dict(
-            read, self.mapping, tp=self.layout.tp, tp_rank=self.layout.tp_rank, pp=self.layout.pp,
+            read,
+            self.mapping,
+            tp=self.layout.tp,
+            tp_rank=self.layout.tp_rank,
+            pp=self.layout.pp,
             pp_stage=self.layout.pp_rank,
-        )  # fmt: skip
+        )
         self.load_megatron_state(state, source=str(folder))
 
     def load_megatron_state(self, state: dict[str, torch.Tensor], *, source: str) -> None:

@@ -162,9 +162,7 @@ def _check_compatible(actor, folder: Path) -> None:
 
 def _load_model(actor, folder: Path, *, with_optimizer: bool) -> dict:
     """Load the model (and optionally optimizer) state into the actor; returns the loaded state dict."""
-    state = dist_checkpointing.load(
-        _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder)
-    )
+    state = dist_checkpointing.load(_sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder))
     missing, _ = actor.model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
@@ -180,8 +178,10 @@ def _load_weights_only(actor, folder: Path, meta: dict) -> dict:
     logger.info(
         "%s: weights-only checkpoint (converted from %s): model weights loaded; optimizer state, LR schedule, "
         "RNG and step start fresh (step %d)",
-        folder, meta.get("converted_from", "?"), actor.step,
-    )  # fmt: skip
+        folder,
+        meta.get("converted_from", "?"),
+        actor.step,
+    )
     dist.barrier()
     return {}
 
@@ -201,8 +201,10 @@ def load_checkpoint(actor, path: str | Path) -> dict:
         logger.warning(
             "%s: saved with %s, loading with %s: distributed-optimizer state does not reshard over TP/PP; "
             "optimizer moments restart from zero",
-            folder, meta["layout"], _layout(actor),
-        )  # fmt: skip
+            folder,
+            meta["layout"],
+            _layout(actor),
+        )
     state = _load_model(actor, folder, with_optimizer=with_optimizer)
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         if with_optimizer:

@@ -39,8 +39,9 @@ def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) 
     if rollout.backend == "sglang":
         from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
 
-        common = dict(tokenizer=tokenizer, bucket_mb=rollout.weight_sync_bucket_mb,
-                      request_timeout_s=rollout.request_timeout_s)
+        common = dict(
+            tokenizer=tokenizer, bucket_mb=rollout.weight_sync_bucket_mb, request_timeout_s=rollout.request_timeout_s
+        )
         if rollout.sglang_url:
             return SGLangEngine(url=rollout.sglang_url, tp_size=rollout.tp, **common)
         if not cfg.model.path:
@@ -101,7 +102,9 @@ class PolicyWorker:
         self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp)
         self.engine: Engine | None = None
         if self.rank in self.engine_ranks:
-            self.engine = build_rollout_engine(self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank)
+            self.engine = build_rollout_engine(
+                self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank
+            )
             self.engine.start()
 
     # ------------------------------------------------------------------------------------------ rollout

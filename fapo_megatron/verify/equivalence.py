@@ -12,7 +12,6 @@ import logging
 from fapo_megatron.verify.normalize import as_number, normalize_answer
 
 
-
 def answers_match(pred: str | None, gold: str) -> bool:
     """True when `pred` (an extracted final answer) equals `gold`, symbolically or after normalisation."""
     verdict = quick_verdict(pred, gold)

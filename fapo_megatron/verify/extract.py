@@ -21,7 +21,7 @@ def extract_boxed(text: str, tail_chars: int | None = None) -> str | None:
     if tail_chars is not None:
         text = text[-tail_chars:]
     last = None
-    for last in _BOX_RE.finditer(text):
+    for last in _BOX_RE.finditer(text):  # noqa: B007 - keeps the last match without a list of all of them
         pass
     if last is None:
         return None

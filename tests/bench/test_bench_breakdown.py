@@ -16,20 +16,51 @@ from fapo_megatron.config import ConfigError, dump_yaml, load_config
 TINY = ModelShape(name="hand", hidden=4, layers=2, heads=2, kv_heads=1, ffn=8, vocab=10)
 
 # batch 4 prompts x n 2 = 8 rollouts per step, 2 devices
-OVERRIDES = ["data.batch_size=4", "rollout.n=2", "algorithm.mini_batch_size=2", "cluster.devices_per_node=2",
-             "model.dtype=float32", "rollout.max_response_tokens=64", "algorithm.overlong.buffer=16"]  # fmt: skip
+OVERRIDES = [
+    "data.batch_size=4",
+    "rollout.n=2",
+    "algorithm.mini_batch_size=2",
+    "cluster.devices_per_node=2",
+    "model.dtype=float32",
+    "rollout.max_response_tokens=64",
+    "algorithm.overlong.buffer=16",
+]
 
 RECORDS = [
     # rollout 2 + genrm 1 + logprobs 1 + update 3 + sync 0.5 = 7.5 timed of 8 s: idle 0.5
-    {"step": 1, "time/rollout": 2.0, "time/genrm": 1.0, "time/logprobs": 1.0, "time/update": 3.0,
-     "time/weight_sync": 0.5, "perf/step_seconds": 8.0, "perf/tokens_per_second": 10.0, "genrm/asked": 4.0,
-     "genrm/output_tokens": 40.0, "reward/accuracy": 0.5, "weight_sync/bytes": 1e9},
+    {
+        "step": 1,
+        "time/rollout": 2.0,
+        "time/genrm": 1.0,
+        "time/logprobs": 1.0,
+        "time/update": 3.0,
+        "time/weight_sync": 0.5,
+        "perf/step_seconds": 8.0,
+        "perf/tokens_per_second": 10.0,
+        "genrm/asked": 4.0,
+        "genrm/output_tokens": 40.0,
+        "reward/accuracy": 0.5,
+        "weight_sync/bytes": 1e9,
+    },
     # 8 timed + validation 1 + checkpoint 1; wall 9 + 2 = 11: idle 1; one rollout dropped
-    {"step": 2, "time/rollout": 4.0, "time/genrm": 0.5, "time/logprobs": 1.0, "time/update": 2.0,
-     "time/weight_sync": 0.5, "time/validation": 1.0, "time/checkpoint": 1.0, "perf/step_seconds": 9.0,
-     "perf/tokens_per_second": 20.0, "reward/num_dropped": 1.0, "genrm/asked": 2.0, "genrm/output_tokens": 20.0,
-     "reward/accuracy": 0.25, "weight_sync/bytes": 1e9},
-]  # fmt: skip
+    {
+        "step": 2,
+        "time/rollout": 4.0,
+        "time/genrm": 0.5,
+        "time/logprobs": 1.0,
+        "time/update": 2.0,
+        "time/weight_sync": 0.5,
+        "time/validation": 1.0,
+        "time/checkpoint": 1.0,
+        "perf/step_seconds": 9.0,
+        "perf/tokens_per_second": 20.0,
+        "reward/num_dropped": 1.0,
+        "genrm/asked": 2.0,
+        "genrm/output_tokens": 20.0,
+        "reward/accuracy": 0.25,
+        "weight_sync/bytes": 1e9,
+    },
+]
 
 
 def _write_run(tmp_path, records=RECORDS, overrides=OVERRIDES):
@@ -64,8 +95,15 @@ def test_mfu():
 def test_step_breakdown_columns_by_hand():
     cfg = load_config(None, OVERRIDES)
     first = step_breakdown(RECORDS[0], cfg)
-    assert first.seconds == {"rollout": 2.0, "genrm": 1.0, "logprobs": 1.0, "update": 3.0, "weight_sync": 0.5,
-                             "val_ckpt": 0.0, "idle": 0.5}  # fmt: skip
+    assert first.seconds == {
+        "rollout": 2.0,
+        "genrm": 1.0,
+        "logprobs": 1.0,
+        "update": 3.0,
+        "weight_sync": 0.5,
+        "val_ckpt": 0.0,
+        "idle": 0.5,
+    }
     assert first.wall_seconds == 8.0 and first.response_tokens == 80.0 and first.sequences == 8
     second = step_breakdown(RECORDS[1], cfg, lambda step, seqs: 10.0 * seqs)
     assert second.seconds["val_ckpt"] == 2.0 and second.seconds["idle"] == 1.0 and second.wall_seconds == 11.0

@@ -23,9 +23,18 @@ from fapo_megatron.config import ConfigError, load_config
 TINY = ModelShape(name="hand", hidden=4, layers=2, heads=2, kv_heads=1, ffn=8, vocab=10)
 
 # 4 prompts x 2 rollouts = 8 rollouts on 1 node x 2 GPUs; responses up to 100 tokens; GenRM budget 64
-CFG = load_config(None, ["data.batch_size=4", "rollout.n=2", "algorithm.mini_batch_size=2",
-                         "cluster.devices_per_node=2", "rollout.max_response_tokens=100", "genrm.max_new_tokens=64",
-                         "algorithm.overlong.buffer=16"])  # fmt: skip
+CFG = load_config(
+    None,
+    [
+        "data.batch_size=4",
+        "rollout.n=2",
+        "algorithm.mini_batch_size=2",
+        "cluster.devices_per_node=2",
+        "rollout.max_response_tokens=100",
+        "genrm.max_new_tokens=64",
+        "algorithm.overlong.buffer=16",
+    ],
+)
 
 HAND = CostAssumptions(
     peak_tflops=1e-9,  # 1000 FLOP/s per GPU
@@ -85,8 +94,10 @@ def test_monotone_in_nodes_throughput_budget_and_accuracy():
     steps = [predict(cfg_of[n], a, policy, genrm).step_seconds for n in (1, 2, 4, 8)]
     assert steps == sorted(steps, reverse=True) and len(set(steps)) == 4
     cfg = cfg_of[4]
-    shares = [predict(cfg, dataclasses.replace(a, genrm_tokens_per_s_per_gpu=r), policy, genrm).shares["genrm"]
-              for r in (1000, 4000, 16000)]  # fmt: skip
+    shares = [
+        predict(cfg, dataclasses.replace(a, genrm_tokens_per_s_per_gpu=r), policy, genrm).shares["genrm"]
+        for r in (1000, 4000, 16000)
+    ]
     assert shares == sorted(shares, reverse=True)
     by_budget = []
     for budget in (2048, 8192, 16384):
@@ -104,8 +115,9 @@ def test_frontier_rate_gives_exactly_the_target_share():
     policy, genrm = shapes_for(cfg)
     rows = genrm_frontier(cfg, CostAssumptions(), policy, genrm, [4096, 16384], 0.10)
     for row in rows:
-        at = dataclasses.replace(CostAssumptions(), genrm_tokens_per_s_per_gpu=row.min_rate,
-                                 genrm_longest_tokens=row.max_new_tokens)  # fmt: skip
+        at = dataclasses.replace(
+            CostAssumptions(), genrm_tokens_per_s_per_gpu=row.min_rate, genrm_longest_tokens=row.max_new_tokens
+        )
         cfg_b = dataclasses.replace(cfg, genrm=dataclasses.replace(cfg.genrm, max_new_tokens=row.max_new_tokens))
         assert predict(cfg_b, at, policy, genrm).shares["genrm"] == pytest.approx(0.10, rel=1e-9)
     assert genrm_frontier(cfg, CostAssumptions(), policy, genrm, [16384], 0.001)[0].min_rate is None

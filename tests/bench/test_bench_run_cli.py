@@ -17,13 +17,32 @@ pytestmark = pytest.mark.timeout(600)
 
 def test_bench_run_trains_then_breaks_down(tmp_path):
     out = tmp_path / "run"
-    overrides = ["trainer.progress=false", "data.batch_size=4", "algorithm.mini_batch_size=2",
-                 "parallel.micro_batch_size=4", "data.arith_num_val=0"]  # fmt: skip
+    overrides = [
+        "trainer.progress=false",
+        "data.batch_size=4",
+        "algorithm.mini_batch_size=2",
+        "parallel.micro_batch_size=4",
+        "data.arith_num_val=0",
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "fapo_megatron", "bench", "run", str(CONFIG), *overrides, "--steps", "3",
-         "--output-dir", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=540,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fapo_megatron",
+            "bench",
+            "run",
+            str(CONFIG),
+            *overrides,
+            "--steps",
+            "3",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "share" in proc.stdout and "actor MFU: n/a" in proc.stdout
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}

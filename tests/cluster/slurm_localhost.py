@@ -83,10 +83,18 @@ class LocalSlurm:
         key.chmod(0o400)
         socket_path = munge_dir / "munge.socket"
         subprocess.run(
-            ["munged", "--force", f"--socket={socket_path}", f"--key-file={key}", f"--pid-file={munge_dir}/munged.pid",
-             f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                "munged",
+                "--force",
+                f"--socket={socket_path}",
+                f"--key-file={key}",
+                f"--pid-file={munge_dir}/munged.pid",
+                f"--log-file={munge_dir}/munged.log",
+                f"--seed-file={munge_dir}/munged.seed",
+            ],
+            check=True,
+            capture_output=True,
+        )
         ctld_port = free_port_range(1)
         node_port = free_port_range(len(NODES))
         for node in NODES:

@@ -53,6 +53,11 @@ def test_colocated_roles_share_one_gpu_bundle_and_init_nccl():
         for group in (actor, rollout):
             (report,) = group.call("report", 2.5)
             assert report == {
-                "sum": 2.5, "backend": "nccl", "visible": "0", "local_rank": "0", "device": 0, "num_devices": 1
+                "sum": 2.5,
+                "backend": "nccl",
+                "visible": "0",
+                "local_rank": "0",
+                "device": 0,
+                "num_devices": 1,
             }
         assert actor.master_port != rollout.master_port

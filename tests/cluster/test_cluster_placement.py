@@ -23,7 +23,10 @@ def test_default_cpu_colocated_program_genrm_is_one_pool_without_genrm_workers()
 
 def test_cuda_colocated_model_genrm_shares_every_bundle_across_nodes():
     layout = _layout(
-        "cluster.device=cuda", "cluster.num_nodes=2", "cluster.devices_per_node=4", "genrm.backend=embedded",
+        "cluster.device=cuda",
+        "cluster.num_nodes=2",
+        "cluster.devices_per_node=4",
+        "genrm.backend=embedded",
         cpus_per_gpu=4,
     )
     assert list(layout.pools) == ["actor"]
@@ -39,8 +42,12 @@ def test_cuda_colocated_model_genrm_shares_every_bundle_across_nodes():
 
 def test_cuda_separate_genrm_gets_its_own_pool():
     layout = _layout(
-        "cluster.device=cuda", "cluster.devices_per_node=4", "cluster.genrm_devices=2",
-        "genrm.backend=sglang", "genrm.placement=separate", "genrm.tp=2",
+        "cluster.device=cuda",
+        "cluster.devices_per_node=4",
+        "cluster.genrm_devices=2",
+        "genrm.backend=sglang",
+        "genrm.placement=separate",
+        "genrm.tp=2",
     )
     assert sorted(layout.pools) == ["actor", "genrm"]
     actor, genrm = layout.pools["actor"], layout.pools["genrm"]
@@ -53,8 +60,11 @@ def test_cuda_separate_genrm_gets_its_own_pool():
 
 def test_separate_genrm_pool_larger_than_a_node_spans_nodes():
     layout = _layout(
-        "cluster.device=cuda", "cluster.devices_per_node=2", "cluster.genrm_devices=6",
-        "genrm.backend=embedded", "genrm.placement=separate",
+        "cluster.device=cuda",
+        "cluster.devices_per_node=2",
+        "cluster.genrm_devices=6",
+        "genrm.backend=embedded",
+        "genrm.placement=separate",
     )
     genrm = layout.pools["genrm"]
     assert (genrm.num_bundles, genrm.bundles_per_node, genrm.num_nodes, genrm.strategy) == (6, 2, 3, "PACK")
@@ -63,8 +73,11 @@ def test_separate_genrm_pool_larger_than_a_node_spans_nodes():
 @pytest.mark.parametrize("placement", ["colocated", "separate"])
 def test_external_genrm_needs_no_pool_or_workers(placement):
     layout = _layout(
-        "cluster.device=cuda", "cluster.devices_per_node=2", "genrm.backend=external",
-        "genrm.url=http://judge:8000", f"genrm.placement={placement}",
+        "cluster.device=cuda",
+        "cluster.devices_per_node=2",
+        "genrm.backend=external",
+        "genrm.url=http://judge:8000",
+        f"genrm.placement={placement}",
     )
     assert list(layout.pools) == ["actor"] and "genrm" not in layout.placements
     with pytest.raises(KeyError, match="role 'genrm' has no workers"):

@@ -30,9 +30,17 @@ def test_parameter_counts_match_the_model_cards():
 
 
 def test_shape_from_hf_config_json_wins_over_the_builtin(tmp_path):
-    raw = {"model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "intermediate_size": 9728, "vocab_size": 151936, "head_dim": 128,
-           "tie_word_embeddings": True}
+    raw = {
+        "model_type": "qwen3",
+        "hidden_size": 2560,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 9728,
+        "vocab_size": 151936,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     shape = resolve_shape(str(tmp_path), "qwen2.5-32b", "sizing.model_shape")
     assert shape.num_params == SHAPES["qwen3-4b"].num_params
@@ -44,11 +52,22 @@ def test_lines_match_a_hand_computation():
     shape = ModelShape(name="toy", hidden=1024, layers=4, heads=8, kv_heads=8, ffn=4096, vocab=32000)
     n = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096 + 2 * 1024) + 2 * 32000 * 1024 + 1024
     assert shape.num_params == n
-    cfg = load_config(REPO / "configs" / "qwen2.5-math-7b_grpo.yaml", [
-        "parallel.tp=2", "parallel.recompute=none", "parallel.sequence_parallel=false", "cluster.num_nodes=1",
-        "cluster.devices_per_node=8", "rollout.max_prompt_tokens=1000", "rollout.max_response_tokens=1000",
-        "rollout.tp=1", "rollout.mem_fraction=0.5", "sizing.runtime_overhead_gb=0", "algorithm.overlong.buffer=500",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs" / "qwen2.5-math-7b_grpo.yaml",
+        [
+            "parallel.tp=2",
+            "parallel.recompute=none",
+            "parallel.sequence_parallel=false",
+            "cluster.num_nodes=1",
+            "cluster.devices_per_node=8",
+            "rollout.max_prompt_tokens=1000",
+            "rollout.max_response_tokens=1000",
+            "rollout.tp=1",
+            "rollout.mem_fraction=0.5",
+            "sizing.runtime_overhead_gb=0",
+            "algorithm.overlong.buffer=500",
+        ],
+    )
     report = estimate(cfg, shape, None)
     train = {name: gb for name, gb, _ in report.phases[0].lines}
     assert train["params"] == pytest.approx(n / 2 * 2 / 1e9)

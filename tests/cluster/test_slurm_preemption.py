@@ -37,8 +37,11 @@ def test_signal_sets_the_flag_and_the_loop_exits_with_the_preempted_code(sig):
 
 
 def test_without_the_handler_the_same_signal_kills_the_process():
-    child = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "ready"
     child.send_signal(signal.SIGUSR1)
     child.wait(timeout=30)
@@ -51,4 +54,3 @@ def test_requeue_is_skipped_outside_slurm_and_when_the_launcher_owns_it():
     assert requeue_if_needed(env={"SLURM_JOB_ID": "7", "FAPO_REQUEUE": "off"}) is False
     with pytest.raises(ValueError, match="FAPO_REQUEUE='sometimes'"):
         requeue_if_needed(env={"SLURM_JOB_ID": "7", "FAPO_REQUEUE": "sometimes"})
-

@@ -15,8 +15,15 @@ SEVEN_B = REPO / "configs" / "qwen2.5-math-7b_fapo.yaml"
 
 def hf_config(folder: Path, **shape) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    raw = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064}
+    raw = {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+    }
     raw.update(shape)
     (folder / "config.json").write_text(json.dumps(raw))
     return folder
@@ -25,9 +32,21 @@ def hf_config(folder: Path, **shape) -> Path:
 def test_shipped_plan_passes_and_bad_splits_name_the_shape_and_key(tmp_path):
     assert check_plan(load_config(SEVEN_B), "n1") == []
     model = hf_config(tmp_path / "m")
-    cfg = load_config(SEVEN_B, [f"model.path={model}", "parallel.tp=8", "parallel.pp=3", "cluster.num_nodes=3",
-                                "parallel.sequence_parallel=false", "rollout.tp=3", "algorithm.mini_batch_size=16",
-                                "data.batch_size=512", "parallel.micro_batch_size=1", "rollout.n=3"])
+    cfg = load_config(
+        SEVEN_B,
+        [
+            f"model.path={model}",
+            "parallel.tp=8",
+            "parallel.pp=3",
+            "cluster.num_nodes=3",
+            "parallel.sequence_parallel=false",
+            "rollout.tp=3",
+            "algorithm.mini_batch_size=16",
+            "data.batch_size=512",
+            "parallel.micro_batch_size=1",
+            "rollout.n=3",
+        ],
+    )
     messages = [str(f) for f in check_plan(cfg, "n1")]
     name = str(model / "config.json")
     assert f"[n1] plan: {name}: 28 attention heads not divisible by parallel.tp=8" in messages
@@ -49,8 +68,11 @@ def test_node_local_checks_name_the_node(tmp_path):
     cfg = load_config(SEVEN_B, [f"trainer.output_dir={tmp_path}/run", "slurm.min_free_disk_gb=1000000000000.0"])
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     assert check_gpus(cfg, "gpu7", visible=4) == [
-        Failure("gpu7", "gpus", f"4 GPUs visible (CUDA_VISIBLE_DEVICES={visible}), the config wants "
-                                "cluster.devices_per_node=8")
+        Failure(
+            "gpu7",
+            "gpus",
+            f"4 GPUs visible (CUDA_VISIBLE_DEVICES={visible}), the config wants cluster.devices_per_node=8",
+        )
     ]
     assert check_gpus(cfg, "gpu7", visible=8) == []
     [disk] = check_disk(cfg, "gpu7")
@@ -73,14 +95,34 @@ def test_two_tasks_allreduce_and_rank0_reports_the_other_nodes_failure(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "train.jsonl").write_text("{}\n")
-    args = [sys.executable, "-m", "fapo_megatron", "slurm", "preflight", str(REPO / "configs" / "tiny_cpu.yaml"),
-            "data.format=gsm8k", "data.train_path=train.jsonl", "slurm.min_free_disk_gb=0",
-            "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "fapo_megatron",
+        "slurm",
+        "preflight",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "data.format=gsm8k",
+        "data.train_path=train.jsonl",
+        "slurm.min_free_disk_gb=0",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+    ]
     procs = []
     for rank, node in enumerate(["nodeA", "nodeB"]):
         env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID="0", SLURMD_NODENAME=node)
-        procs.append(subprocess.Popen(args, cwd=tmp_path / ("a" if rank == 0 else "b"), env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                args,
+                cwd=tmp_path / ("a" if rank == 0 else "b"),
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [1, 1], outs
     assert "preflight FAILED [nodeB] paths: data.train_path: train.jsonl does not exist on this node" in outs[0]

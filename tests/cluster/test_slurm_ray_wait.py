@@ -23,11 +23,28 @@ def ray_head(monkeypatch):
     temp = tempfile.mkdtemp(prefix="fray", dir="/tmp")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
-         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp,
-         "--resources", '{"fapo_node:node1": 1}'],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            temp,
+            "--resources",
+            '{"fapo_node:node1": 1}',
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # local test cluster only (PLATFORM.md)
     yield f"127.0.0.1:{port}"
     head.send_signal(signal.SIGTERM)  # `ray start --block` stops its Ray processes on SIGTERM

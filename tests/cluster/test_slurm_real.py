@@ -33,12 +33,32 @@ def submit_chain(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ())
     """Submit configs/tiny_cpu.yaml on both nodes with `overrides`; returns the job ids."""
     ray_port, preflight_port = free_port_range(1), free_port_range(1)
     command = [
-        sys.executable, "-m", "fapo_megatron", "slurm", "submit", str(REPO / "configs" / "tiny_cpu.yaml"),
-        "parallel.tp=1", f"trainer.output_dir={tmp / 'run'}", f"slurm.tmpdir={tmp / 't'}",
-        "slurm.env=[RAY_AUTH_MODE=disabled]", f"slurm.ray_port={ray_port}", f"slurm.preflight_port={preflight_port}",
-        "slurm.min_free_disk_gb=0.1", "slurm.ray_join_timeout_s=180", "trainer.progress=false", *overrides,
-        "--nodes", "2", "--gpus-per-node", "1", "--venv", str(VENV), "--log-dir", str(tmp / "logs"), *flags,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "fapo_megatron",
+        "slurm",
+        "submit",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "parallel.tp=1",
+        f"trainer.output_dir={tmp / 'run'}",
+        f"slurm.tmpdir={tmp / 't'}",
+        "slurm.env=[RAY_AUTH_MODE=disabled]",
+        f"slurm.ray_port={ray_port}",
+        f"slurm.preflight_port={preflight_port}",
+        "slurm.min_free_disk_gb=0.1",
+        "slurm.ray_join_timeout_s=180",
+        "trainer.progress=false",
+        *overrides,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--venv",
+        str(VENV),
+        "--log-dir",
+        str(tmp / "logs"),
+        *flags,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=slurm.env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
@@ -101,8 +121,9 @@ def test_requeue_if_needed_requeues_a_real_job_and_names_a_missing_one(slurm):
 
 
 def test_preflight_failure_stops_the_job_and_names_the_node(slurm, short_tmp):
-    job = submit(slurm, short_tmp, "data.format=gsm8k", "data.train_path=/nonexistent/train.jsonl",
-                 flags=("--preflight-only",))
+    job = submit(
+        slurm, short_tmp, "data.format=gsm8k", "data.train_path=/nonexistent/train.jsonl", flags=("--preflight-only",)
+    )
     state = slurm.wait_done(job, 300)
     log = job_log(short_tmp, job)
     assert state["JobState"] == "FAILED", log

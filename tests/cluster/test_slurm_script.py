@@ -20,20 +20,52 @@ def dry_run(capsys, *args: str) -> str:
 
 def test_gpu_script_carries_the_flags_and_passes_bash_syntax_check(capsys, tmp_path):
     script = dry_run(
-        capsys, SEVEN_B, "trainer.steps=50", "--partition", "gpu", "--account", "proj", "--qos", "high",
-        "--time", "04:00:00", "--socket-ifname", "ib0", "--container-image", "nvcr.io#fapo:latest",
-        "--container-mounts", "/lustre:/lustre", "--log-dir", str(tmp_path / "logs"),
-    )  # fmt: skip
+        capsys,
+        SEVEN_B,
+        "trainer.steps=50",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--qos",
+        "high",
+        "--time",
+        "04:00:00",
+        "--socket-ifname",
+        "ib0",
+        "--container-image",
+        "nvcr.io#fapo:latest",
+        "--container-mounts",
+        "/lustre:/lustre",
+        "--log-dir",
+        str(tmp_path / "logs"),
+    )
     lines = script.splitlines()
-    for directive in ("--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj", "--qos=high",
-                      "--time=04:00:00", "--signal=B:USR1@900", "--requeue", "--open-mode=append", "--exclusive",
-                      f"--output={tmp_path / 'logs'}/%x-%j.out"):
+    for directive in (
+        "--nodes=4",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--time=04:00:00",
+        "--signal=B:USR1@900",
+        "--requeue",
+        "--open-mode=append",
+        "--exclusive",
+        f"--output={tmp_path / 'logs'}/%x-%j.out",
+    ):
         assert f"#SBATCH {directive}" in lines, directive
-    for export in ("export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0", "export FAPO_REQUEUE=launcher",
-                   "export FAPO_RAY_GPUS=8"):
+    for export in (
+        "export NCCL_SOCKET_IFNAME=ib0",
+        "export GLOO_SOCKET_IFNAME=ib0",
+        "export FAPO_REQUEUE=launcher",
+        "export FAPO_RAY_GPUS=8",
+    ):
         assert export in lines, export
-    assert "STEP_ARGS=(--gres=gpu:8 '--container-image=nvcr.io#fapo:latest' " \
-           f"--container-workdir={Path.cwd()} --container-mounts=/lustre:/lustre)" in lines
+    assert (
+        "STEP_ARGS=(--gres=gpu:8 '--container-image=nvcr.io#fapo:latest' "
+        f"--container-workdir={Path.cwd()} --container-mounts=/lustre:/lustre)" in lines
+    )
     # the trainer and the preflight get the same config: the file, the overrides, and the flags as overrides
     assert f"TRAIN_ARGS=({SEVEN_B} trainer.steps=50 slurm.partition=gpu" in script
     assert "--ntasks-per-node=8" in script  # preflight: one task per GPU
@@ -50,9 +82,17 @@ def test_gpu_script_carries_the_flags_and_passes_bash_syntax_check(capsys, tmp_p
 
 
 def test_cpu_script_venv_no_requeue_no_signal(capsys, tmp_path):
-    script = dry_run(capsys, str(REPO / "configs" / "tiny_cpu.yaml"), "slurm.signal_lead_s=0",
-                     "slurm.env=[RAY_AUTH_MODE=disabled]", "--venv", "/opt/venv", "--no-requeue",
-                     "--log-dir", str(tmp_path))
+    script = dry_run(
+        capsys,
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "slurm.signal_lead_s=0",
+        "slurm.env=[RAY_AUTH_MODE=disabled]",
+        "--venv",
+        "/opt/venv",
+        "--no-requeue",
+        "--log-dir",
+        str(tmp_path),
+    )
     assert "#SBATCH --no-requeue" in script and "export FAPO_REQUEUE=off" in script
     assert "--signal" not in script and "--gpus-per-node" not in script and "--gres" not in script
     assert "export FAPO_SETUP='source /opt/venv/bin/activate'" in script

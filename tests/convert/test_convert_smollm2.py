@@ -43,8 +43,19 @@ def test_smollm2_round_trip_parity_and_greedy_tokens(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mcore, back = tmp_path / "mcore", tmp_path / "back"
-    run = _cli("hf-to-megatron", "--hf", str(smollm2_dir), "--out", str(mcore), "--tp", "3", "--pp", "2",
-               "--verify-roundtrip", "--quiet")  # fmt: skip
+    run = _cli(
+        "hf-to-megatron",
+        "--hf",
+        str(smollm2_dir),
+        "--out",
+        str(mcore),
+        "--tp",
+        "3",
+        "--pp",
+        "2",
+        "--verify-roundtrip",
+        "--quiet",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "parity: PASS" in run.stdout and "round trip: bitwise identical" in run.stdout
     run = _cli("megatron-to-hf", "--ckpt", str(mcore), "--out", str(back), "--quiet")
@@ -53,7 +64,9 @@ def test_smollm2_round_trip_parity_and_greedy_tokens(smollm2_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(back))
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     outputs = []

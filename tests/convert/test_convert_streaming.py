@@ -17,8 +17,10 @@ from fapo_megatron.models import registry
 def _layout(folder: Path) -> dict:
     """{key: (kind, global shape, dtype)} of every entry in a torch_dist checkpoint's DCP metadata."""
     entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    return {k: (type(v).__name__, tuple(getattr(v, "size", ())), getattr(getattr(v, "properties", None), "dtype", None))
-            for k, v in entries.items()}  # fmt: skip
+    return {
+        k: (type(v).__name__, tuple(getattr(v, "size", ())), getattr(getattr(v, "properties", None), "dtype", None))
+        for k, v in entries.items()
+    }
 
 
 def _same_as_megatron_worker(rank, world_size, family, tied, tmp):
@@ -49,8 +51,11 @@ def _same_as_megatron_worker(rank, world_size, family, tied, tmp):
     wide_cfg = {**hf_io.read_config(tmp / "hf"), "hidden_size": 48}
     wide = registry.model_spec(wide_cfg)
     wide_spec = hm.MappingSpec.from_model_spec(wide, padded_vocab_size=spec.padded_vocab_size)
-    with pytest.raises(ValueError, match=r"tensor 'embedding.word_embeddings.weight' .* is of shape \(256, 32\), "
-                                         r"expected \(256, 48\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'embedding.word_embeddings.weight' .* is of shape \(256, 32\), "
+        r"expected \(256, 48\)",
+    ):
         next(megatron_io.read_checkpoint(wide, wide_spec, tmp / "streamed", dtype=torch.bfloat16))
 
 

@@ -16,9 +16,17 @@ def _spec(family="llama", tied=False, **kw):
 
 def test_merge_qkv_matches_megatron_group_layout_by_hand():
     spec = hm.MappingSpec(
-        family=hm.FAMILIES["llama"], num_layers=1, hidden_size=1, num_attention_heads=4, num_query_groups=2,
-        head_dim=1, ffn_hidden_size=1, vocab_size=1, padded_vocab_size=1, tie_word_embeddings=False,
-    )  # fmt: skip
+        family=hm.FAMILIES["llama"],
+        num_layers=1,
+        hidden_size=1,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=1,
+        ffn_hidden_size=1,
+        vocab_size=1,
+        padded_vocab_size=1,
+        tie_word_embeddings=False,
+    )
     q, k, v = torch.tensor([[0.0], [1], [2], [3]]), torch.tensor([[10.0], [11]]), torch.tensor([[20.0], [21]])
     fused = hm.merge_qkv(q, k, v, spec)
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]

@@ -81,7 +81,7 @@ def test_items_are_deterministic_well_formed_and_disjoint():
     train_texts = {item.prompt for item in train}
     assert len(train_texts) == 300
     assert train_texts.isdisjoint(item.prompt for item in val + val_other_seed)
-    for index, item in enumerate(train + val):
+    for item in train + val:
         ops = [tuple(op) for op in item.meta["ops"]]
         assert 2 <= len(ops) <= 4
         assert item.ground_truth == str(_evaluate(item.meta["start"], ops))

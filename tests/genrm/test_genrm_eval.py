@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from genrm_standin_server import StandinGenRM
 
 from fapo_megatron.cli import main
 from fapo_megatron.genrm.evaluate import (
@@ -18,8 +19,6 @@ from fapo_megatron.genrm.evaluate import (
 from fapo_megatron.genrm.prompt import split_steps
 from fapo_megatron.genrm.types import Verdict, VerdictStatus
 from fapo_megatron.genrm.verdict import parse_verdict
-
-from genrm_standin_server import StandinGenRM
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ["a = 1", "b = 2", "c = 3"]
@@ -44,10 +43,16 @@ def _write_data(folder: Path, cases=CASES, problem_suffix=lambda answer: "") -> 
     folder.mkdir(parents=True, exist_ok=True)
     for split, items in cases.items():
         entries = [
-            {"id": item_id, "problem": f"problem {item_id}{problem_suffix(answer)}", "steps": STEPS, "label": label,
-             "final_answer_correct": correct, "ground_truth": "3"}
+            {
+                "id": item_id,
+                "problem": f"problem {item_id}{problem_suffix(answer)}",
+                "steps": STEPS,
+                "label": label,
+                "final_answer_correct": correct,
+                "ground_truth": "3",
+            }
             for item_id, (label, correct, answer, _) in items.items()
-        ]  # fmt: skip
+        ]
         (folder / f"{split}.json").write_text(json.dumps(entries))
     return folder
 
@@ -128,8 +133,9 @@ def test_resume_asks_only_what_is_missing(tmp_path):
     run_evaluation(third, examples, run, identity=IDENTITY, progress=False)
     assert third.asked == ["m4"]
     assert len(VerdictLog(run / VERDICTS_FILE).load()) == 8
-    assert summarize(records) == summarize(run_evaluation(ScriptedJudge(), examples, run, identity=IDENTITY,
-                                                          progress=False))  # fmt: skip
+    assert summarize(records) == summarize(
+        run_evaluation(ScriptedJudge(), examples, run, identity=IDENTITY, progress=False)
+    )
     with pytest.raises(ValueError, match="another judge.*model_path: 'scripted' -> 'other'"):
         run_evaluation(ScriptedJudge(), examples, run, identity={"model_path": "other"}, progress=False)
 
@@ -161,9 +167,21 @@ def test_cli_over_http_with_split_and_limit(tmp_path):
     data = _write_data(tmp_path / "data", cases, problem_suffix=lambda answer: f" [[judge:{_directive(answer)}]]")
     out = tmp_path / "out"
     with StandinGenRM("openai") as server:
-        args = ["eval-genrm", str(REPO / "configs/genrm_eval_external.yaml"), f"genrm.url={server.url}",
-                "genrm.api=openai",
-                "--data", str(data), "--output", str(out), "--split", "math", "--limit", "2", "--quiet"]
+        args = [
+            "eval-genrm",
+            str(REPO / "configs/genrm_eval_external.yaml"),
+            f"genrm.url={server.url}",
+            "genrm.api=openai",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--split",
+            "math",
+            "--limit",
+            "2",
+            "--quiet",
+        ]
         assert main(args) == 0
         asked = len(server.requests)
         assert main(args) == 0 and len(server.requests) == asked == 2  # resumed: nothing asked again
@@ -184,17 +202,36 @@ def test_cli_tiny_embedded_model_counts_unparseable(tmp_path, capsys):
 
     torch.manual_seed(0)
     tokenizer = arith_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model_dir = tmp_path / "tiny"
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
-    args = ["eval-genrm", str(REPO / "configs/genrm_eval_smollm2_cpu.yaml"), f"genrm.model_path={model_dir}",
-            "genrm.max_new_tokens=6", "genrm.temperature=0", "--split", "gsm8k", "--limit", "3", "--output", str(out),
-            "--quiet"]  # fmt: skip
+    args = [
+        "eval-genrm",
+        str(REPO / "configs/genrm_eval_smollm2_cpu.yaml"),
+        f"genrm.model_path={model_dir}",
+        "genrm.max_new_tokens=6",
+        "genrm.temperature=0",
+        "--split",
+        "gsm8k",
+        "--limit",
+        "3",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["items"] == 3 and report["status"]["unparseable"] == 3

@@ -22,17 +22,34 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _item(label: int, num_steps: int, index: int = 0) -> PromptItem:
-    return PromptItem(prompt="p", ground_truth=str(label), source="genrm_steps", index=index,
-                      meta={"label": label, "num_steps": num_steps, "final_answer_correct": True})  # fmt: skip
+    return PromptItem(
+        prompt="p",
+        ground_truth=str(label),
+        source="genrm_steps",
+        index=index,
+        meta={"label": label, "num_steps": num_steps, "final_answer_correct": True},
+    )
 
 
 def test_items_are_the_rl_time_prompt_with_the_label_on_its_steps(tmp_path):
     rows = [
-        {"id": "a", "problem": "Q?", "steps": ["x\n\ny", "z", "w"], "label": 1, "final_answer_correct": True,
-         "ground_truth": "7"},
-        {"id": "b", "problem": "R?", "steps": ["u", "v"], "label": -1, "final_answer_correct": True,
-         "ground_truth": "3"},
-    ]  # fmt: skip
+        {
+            "id": "a",
+            "problem": "Q?",
+            "steps": ["x\n\ny", "z", "w"],
+            "label": 1,
+            "final_answer_correct": True,
+            "ground_truth": "7",
+        },
+        {
+            "id": "b",
+            "problem": "R?",
+            "steps": ["u", "v"],
+            "label": -1,
+            "final_answer_correct": True,
+            "ground_truth": "3",
+        },
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     first, second = load_genrm_items(str(path), max_steps=32)
@@ -61,19 +78,34 @@ def test_step_distance_reward_by_hand():
 
 def test_trainer_grading_uses_the_step_reward_and_group_advantages():
     items = [_item(1, 4, 0), _item(-1, 3, 1)]
-    answers = [(0, "\\boxed{1}", 3), (0, "\\boxed{3}", 3), (0, "\\boxed{-1}", 10),
-               (1, "\\boxed{-1}", 3), (1, "\\boxed{0}", 3)]  # fmt: skip
-    generations = [Generation(prompt_index=p, token_ids=[5] * n, text=t, logprobs=[0.0] * n, finish_reason="stop")
-                   for p, t, n in answers]  # fmt: skip
+    answers = [
+        (0, "\\boxed{1}", 3),
+        (0, "\\boxed{3}", 3),
+        (0, "\\boxed{-1}", 10),
+        (1, "\\boxed{-1}", 3),
+        (1, "\\boxed{0}", 3),
+    ]
+    generations = [
+        Generation(prompt_index=p, token_ids=[5] * n, text=t, logprobs=[0.0] * n, finish_reason="stop")
+        for p, t, n in answers
+    ]
     algorithm = AlgorithmConfig(name="grpo", reward="genrm_step", overlong=OverlongConfig(enable=True, buffer=4))
-    graded = grade_rollouts(items, generations, torch.zeros(5, dtype=torch.bool), None, algorithm=algorithm,
-                            rollout=RolloutConfig(max_response_tokens=10), genrm=GenRMConfig())  # fmt: skip
+    graded = grade_rollouts(
+        items,
+        generations,
+        torch.zeros(5, dtype=torch.bool),
+        None,
+        algorithm=algorithm,
+        rollout=RolloutConfig(max_response_tokens=10),
+        genrm=GenRMConfig(),
+    )
     # step distance: 1, 1 - 2/4, -1 | 1, -1 ; overlong (limit 10, buffer 4): the 10-token answer gets -(10 - 6)/4
     expected = torch.tensor([1.0, 0.5, -1.0 - 1.0, 1.0, -1.0])
     assert torch.allclose(graded.rewards, expected)
     group0, group1 = expected[:3], expected[3:]
-    advantages = torch.cat([(group0 - group0.mean()) / (group0.std() + 1e-6),
-                            (group1 - group1.mean()) / (group1.std() + 1e-6)])  # fmt: skip
+    advantages = torch.cat(
+        [(group0 - group0.mean()) / (group0.std() + 1e-6), (group1 - group1.mean()) / (group1.std() + 1e-6)]
+    )
     assert torch.allclose(graded.advantages, advantages, atol=1e-5)
     assert graded.keep.all() and graded.correct.tolist() == [True, False, False, True, False]
     metrics = graded.metrics
@@ -99,10 +131,24 @@ def test_configs_validate_and_refuse_half_a_recipe():
 def test_tiny_example_trains_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples/genrm_train_tiny.py"), "--out", str(out), "--steps", "2", "--items",
-         "64", "--warmup-steps", "10", "trainer.progress=false"],
-        capture_output=True, text=True, cwd=REPO, timeout=550,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "examples/genrm_train_tiny.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--items",
+            "64",
+            "--warmup-steps",
+            "10",
+            "trainer.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=550,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     records = read_metrics(out / "train" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from megatron_testlib import make_batch  # the script's folder is on sys.path
 
-
 WORKDIR = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
 RANK = int(os.environ.get("RANK", "0"))
 

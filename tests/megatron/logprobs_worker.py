@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from fapo_megatron.megatron import model as mcore, platform
+from fapo_megatron.megatron import model as mcore
+from fapo_megatron.megatron import platform
 from fapo_megatron.megatron.logprobs import vocab_parallel_logprobs
 
 platform.setup("cpu")
@@ -21,8 +22,9 @@ rows = padded // world
 out = {}
 for name, entropy_grad in (("fused", False), ("graph", True)):
     local = full[..., rank * rows : (rank + 1) * rows].clone().requires_grad_(True)
-    logprobs, entropy = vocab_parallel_logprobs(local, targets, temperature=0.7, vocab_size=vocab,
-                                                entropy_grad=entropy_grad)  # fmt: skip
+    logprobs, entropy = vocab_parallel_logprobs(
+        local, targets, temperature=0.7, vocab_size=vocab, entropy_grad=entropy_grad
+    )
     (logprobs * weights).sum().backward()
     grads = [torch.empty_like(local.grad) for _ in range(world)]
     torch.distributed.all_gather(grads, local.grad)

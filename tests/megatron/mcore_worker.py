@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron_testlib import make_batch  # the script's folder is on sys.path
 
 from fapo_megatron.config import load_config
 from fapo_megatron.megatron.actor import MegatronActor
 from fapo_megatron.megatron.checkpoint import CheckpointMismatchError
-from megatron_testlib import make_batch  # the script's folder is on sys.path
 
 WORKDIR = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))

@@ -70,11 +70,24 @@ def _launch_once(worker: Path, scenario: str, world: int, workdir: Path, timeout
     port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+        )
         with open(workdir / f"{scenario}_rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(worker), scenario, str(workdir)], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(worker), scenario, str(workdir)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
         return [proc.wait(timeout=timeout) for proc in procs]
     finally:

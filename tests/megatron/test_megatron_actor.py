@@ -21,7 +21,6 @@ from megatron_testlib import launch_ranks, make_batch, rank_logs, tiny_hf_model 
 WORKER = Path(__file__).parent / "mcore_worker.py"
 
 
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mcore")
@@ -94,8 +93,10 @@ def _reference_train_step(workdir: Path, batch, lr=1e-3, weight_decay=0.1, clip=
     no_decay = [p for n, p in model.named_parameters() if p.dim() == 1]
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.999), eps=1e-8,
-    )  # fmt: skip
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     for start in range(0, len(batch), 4):
         rows = slice(start, start + 4)
         mini = batch.select(rows)
@@ -103,8 +104,15 @@ def _reference_train_step(workdir: Path, batch, lr=1e-3, weight_decay=0.1, clip=
         logits = model(mini.tokens).logits.float()
         picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, mini.tokens[:, 1:, None])[..., 0]
         logprobs = torch.nn.functional.pad(picked, (1, 0))
-        loss, _ = ppo_loss(logprobs, old[rows], mini.advantages, mini.response_mask, tis_cap=2.0,
-                           rollout_logprobs=mini.rollout_logprobs, num_tokens=mini.num_response_tokens)  # fmt: skip
+        loss, _ = ppo_loss(
+            logprobs,
+            old[rows],
+            mini.advantages,
+            mini.response_mask,
+            tis_cap=2.0,
+            rollout_logprobs=mini.rollout_logprobs,
+            num_tokens=mini.num_response_tokens,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optim.step()

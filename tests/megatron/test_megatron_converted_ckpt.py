@@ -14,7 +14,6 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from converted_ckpt_worker import VOCAB  # noqa: E402
 from megatron_testlib import launch_ranks, make_batch, rank_logs, tiny_hf_model  # noqa: E402
@@ -72,10 +71,25 @@ def test_training_checkpoint_root_exports_to_hf(workdir):
     """`convert megatron-to-hf` on the actor's checkpoint root (`latest`) gives exactly the actor's weights."""
     out = workdir / "exported"
     proc = subprocess.run(
-        [sys.executable, "-m", "fapo_megatron", "convert", "megatron-to-hf", "--ckpt", str(workdir / "train_ckpt"),
-         "--out", str(out), "--hf-config-from", str(workdir / "hf"), "--quiet"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fapo_megatron",
+            "convert",
+            "megatron-to-hf",
+            "--ckpt",
+            str(workdir / "train_ckpt"),
+            "--out",
+            str(out),
+            "--hf-config-from",
+            str(workdir / "hf"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     exported = {}
     for shard in out.glob("*.safetensors"):

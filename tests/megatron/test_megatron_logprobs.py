@@ -20,8 +20,14 @@ def test_fused_logprobs_match_graph_and_reference(tmp_path, world):
     out, port = tmp_path / "out.pt", free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stderr=subprocess.PIPE))
     for proc in procs:
         assert proc.wait(timeout=180) == 0, proc.stderr.read().decode()[-3000:]

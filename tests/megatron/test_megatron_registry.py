@@ -39,8 +39,13 @@ def test_qwen3_spec_uses_explicit_head_dim_and_qk_norm():
 
 
 def test_llama_rope_scaling_llama3_and_linear():
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}  # fmt: skip
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     spec = model_spec(tiny_hf_config("llama", rope_scaling=llama3))
     assert spec.rope.scaling == "llama3" and registry.gpt_model_kwargs(spec, tp=1)["rope_scaling_factor"] == 8.0
     linear = model_spec(tiny_hf_config("llama", rope_scaling={"type": "linear", "factor": 2.0}))
@@ -52,13 +57,15 @@ def test_llama_rope_scaling_llama3_and_linear():
     [
         ({"architectures": ["MistralForCausalLM"]}, "MistralForCausalLM"),
         (tiny_hf_config("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-        (tiny_hf_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}),
-         "low_freq_factor"),
+        (
+            tiny_hf_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}),
+            "low_freq_factor",
+        ),
         (tiny_hf_config("qwen2", use_sliding_window=True), "use_sliding_window"),
         (tiny_hf_config("llama", mlp_bias=True), "mlp_bias"),
         (tiny_hf_config("llama", hidden_act="gelu"), "hidden_act"),
     ],
-)  # fmt: skip
+)
 def test_unsupported_models_are_named(config, named):
     with pytest.raises(UnsupportedModelError, match=named):
         model_spec(config)
@@ -111,12 +118,22 @@ def test_train_batch_slicing_and_counts():
 def test_train_batch_rejects_bad_input():
     batch = _batch()
     with pytest.raises(ValueError, match="advantages"):
-        TrainBatch(tokens=batch.tokens, lengths=batch.lengths, response_mask=batch.response_mask,
-                   advantages=torch.zeros(3), group_ids=batch.group_ids)  # fmt: skip
+        TrainBatch(
+            tokens=batch.tokens,
+            lengths=batch.lengths,
+            response_mask=batch.response_mask,
+            advantages=torch.zeros(3),
+            group_ids=batch.group_ids,
+        )
     bad_mask = batch.response_mask.clone()
     bad_mask[1, 5] = 1.0
     with pytest.raises(ValueError, match="padding"):
-        TrainBatch(tokens=batch.tokens, lengths=batch.lengths, response_mask=bad_mask,
-                   advantages=batch.advantages, group_ids=batch.group_ids)  # fmt: skip
+        TrainBatch(
+            tokens=batch.tokens,
+            lengths=batch.lengths,
+            response_mask=bad_mask,
+            advantages=batch.advantages,
+            group_ids=batch.group_ids,
+        )
     with pytest.raises(ValueError, match="split evenly"):
         batch.shard(0, 3)

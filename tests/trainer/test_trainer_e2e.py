@@ -26,10 +26,23 @@ def warm_policy(tmp_path_factory):
 
 def _train(out: Path, policy: Path, *extra: str) -> subprocess.CompletedProcess:
     """Run `fapo-megatron train` in its own process, as a user would."""
-    overrides = [f"model.path={policy}", f"trainer.output_dir={out}", "trainer.progress=false", "data.batch_size=4",
-                 "algorithm.mini_batch_size=2", "parallel.micro_batch_size=4", "trainer.val_interval=0", *extra]
-    return subprocess.run([sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    overrides = [
+        f"model.path={policy}",
+        f"trainer.output_dir={out}",
+        "trainer.progress=false",
+        "data.batch_size=4",
+        "algorithm.mini_batch_size=2",
+        "parallel.micro_batch_size=4",
+        "trainer.val_interval=0",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -48,10 +61,24 @@ def test_metrics_present_and_sane(fapo_run):
     assert [r["step"] for r in records] == [1, 2, 3]
     rollouts = 4 * 8  # data.batch_size x rollout.n
     for r in records:
-        for key in ("reward/accuracy", "reward/flawed_positive_share", "reward/mean", "actor/grad_norm",
-                    "actor/pg_clipfrac", "actor/entropy", "actor/lr", "progress/mean_rho", "response/length_mean",
-                    "time/rollout", "time/genrm", "time/logprobs", "time/update", "time/weight_sync",
-                    "perf/tokens_per_second", "genrm/asked"):
+        for key in (
+            "reward/accuracy",
+            "reward/flawed_positive_share",
+            "reward/mean",
+            "actor/grad_norm",
+            "actor/pg_clipfrac",
+            "actor/entropy",
+            "actor/lr",
+            "progress/mean_rho",
+            "response/length_mean",
+            "time/rollout",
+            "time/genrm",
+            "time/logprobs",
+            "time/update",
+            "time/weight_sync",
+            "perf/tokens_per_second",
+            "genrm/asked",
+        ):
             assert key in r and r[key] is not None and math.isfinite(r[key]), key
         assert 0.0 <= r["reward/accuracy"] <= 1.0 and -2.0 <= r["reward/mean"] <= 1.0
         # The GenRM is asked about the rollouts with a correct answer, and only those.
@@ -68,9 +95,26 @@ def test_parameters_changed(fapo_run, warm_policy, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "fapo_megatron", "convert", "megatron-to-hf", "--ckpt",
-                           str(fapo_run / "checkpoints"), "--out", str(out), "--hf-config-from", str(warm_policy),
-                           "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fapo_megatron",
+            "convert",
+            "megatron-to-hf",
+            "--ckpt",
+            str(fapo_run / "checkpoints"),
+            "--out",
+            str(out),
+            "--hf-config-from",
+            str(warm_policy),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     before = load_file(warm_policy / "model.safetensors")
     after = {}
@@ -97,8 +141,18 @@ def test_resume_matches_uninterrupted_run(fapo_run, warm_policy, tmp_path):
 def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
     """An external GenRM that refuses every call: the run goes on and counts each missing verdict."""
     out = tmp_path / "outage"
-    _ok(_train(out, warm_policy, "trainer.steps=2", "genrm.backend=external", "genrm.url=http://127.0.0.1:9",
-               "genrm.retries=0", "genrm.deadline_s=20", "genrm.unavailable_policy=treat_as_flawed"))
+    _ok(
+        _train(
+            out,
+            warm_policy,
+            "trainer.steps=2",
+            "genrm.backend=external",
+            "genrm.url=http://127.0.0.1:9",
+            "genrm.retries=0",
+            "genrm.deadline_s=20",
+            "genrm.unavailable_policy=treat_as_flawed",
+        )
+    )
     records = read_metrics(out / "metrics.jsonl")
     for r in records:
         assert r["genrm/unavailable"] + r["genrm/errors"] + r["genrm/timed_out"] == r["genrm/asked"]
@@ -108,8 +162,15 @@ def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
 
 
 def test_genrm_outage_with_fail_policy_stops_the_run(warm_policy, tmp_path):
-    proc = _train(tmp_path / "fail", warm_policy, "trainer.steps=2", "genrm.backend=external",
-                  "genrm.url=http://127.0.0.1:9", "genrm.retries=0", "genrm.unavailable_policy=fail")
+    proc = _train(
+        tmp_path / "fail",
+        warm_policy,
+        "trainer.steps=2",
+        "genrm.backend=external",
+        "genrm.url=http://127.0.0.1:9",
+        "genrm.retries=0",
+        "genrm.unavailable_policy=fail",
+    )
     assert proc.returncode != 0
     assert "unavailable" in (proc.stderr + proc.stdout).lower()
 
@@ -129,8 +190,13 @@ def test_flaw_penalty_only_in_fapo(fapo_run, warm_policy, tmp_path):
 
 
 def test_config_mismatch_fails_before_work(tmp_path):
-    cfg_error = subprocess.run([sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), "parallel.tp=3"],
-                               capture_output=True, text=True, cwd=REPO, timeout=120)
+    cfg_error = subprocess.run(
+        [sys.executable, "-m", "fapo_megatron", "train", str(CONFIG), "parallel.tp=3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert cfg_error.returncode == 2 and "parallel.tp=3" in cfg_error.stderr
     with pytest.raises(Exception, match="trainer.stepz"):
         load_config(CONFIG, ["trainer.stepz=3"])
