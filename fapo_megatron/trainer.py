@@ -19,7 +19,7 @@ import torch
 from fapo_megatron.config import Config, dump_yaml, to_dict
 from fapo_megatron.data import PromptSampler
 from fapo_megatron.data.templates import encode_prompt
-from fapo_megatron.engines.base import SamplingParams
+from fapo_megatron.engine_protocol import SamplingParams
 from fapo_megatron.experience import build_train_batch, grade_rollouts
 from fapo_megatron.metrics import MetricsLogger, PhaseTimer
 from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
@@ -48,10 +48,11 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         with ray_session(cfg) as session:
+            from fapo_megatron.roles.genrm import GenRMWorker
             from fapo_megatron.roles.policy import PolicyWorker
 
             self.policy = session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),))
-            self.judge = build_judge_for_run(cfg, session)
+            self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):
                 self.policy.call("sync_weights")  # engines start from the actor's (possibly resumed) weights

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import requests
 
-from fapo_megatron.engines.base import Engine, EngineError, SamplingParams
+from fapo_megatron.engine_protocol import Engine, EngineError, SamplingParams
 from fapo_megatron.genrm.prompt import render_chatml
 from fapo_megatron.genrm.types import VerdictStatus
 
