@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +9,9 @@ from fapo_megatron.config import Config, DataConfig, to_dict
 from fapo_megatron.data.arith import make_arith_items
 from fapo_megatron.data.items import PromptItem
 from fapo_megatron.data.loaders import load_prompts
-from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
 from fapo_megatron.genrm.task import load_genrm_items
-from fapo_megatron.genrm.types import Judge, JudgeRequest, Verdict
+from fapo_megatron.genrm.types import Judge
 
 
 @dataclass
@@ -61,23 +59,6 @@ def load_run_data(cfg: Config) -> RunData:
     return RunData(tokenizer=load_tokenizer(cfg), train=train, val=val, monitor_judge=monitor)
 
 
-class WorkerJudge:
-    """Splits a step's GenRM requests over the GenRM worker group (one engine per worker), in order."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        num = self.group.num_workers
-        shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
-        self.group.call("resume_engine")
-        try:
-            answers = self.group.call_each("judge", [(shard,) for shard in shards])
-        finally:
-            self.group.call("release_engine")
-        return [verdict for shard in answers for verdict in shard]
-
-
 def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge | None:
     """The flaw detector of this run: in-process (program checker, external URL) or GenRM workers on devices
     (a group of `genrm_worker_cls`, the trainer's roles.genrm.GenRMWorker, on the session's GenRM bundles).
@@ -95,10 +76,10 @@ def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge |
         return build_judge(cfg.genrm)
     if cfg.algorithm.name == "grpo":
         return None
+    from fapo_megatron.cluster.role_groups import GenRMGroup  # Ray is imported only for runs that place workers
+
     num = session.layout.num_workers("genrm") // cfg.genrm.tp
-    group = session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num)
-    group.call("release_engine")
-    return WorkerJudge(group)
+    return GenRMGroup(session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num))
 
 
 def resume_path(resume: str, checkpoint_dir: Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""The import rules of docs/ARCHITECTURE.md hold for every import in fapo_megatron/ (lazy ones included).
+"""The import rules of docs/ARCHITECTURE.md hold for every import in fapo_megatron/ (lazy ones included),
+and worker groups are called by typed methods outside cluster/.
 
 The table there is the rule; this test parses it and scans the package's syntax trees with `ast`, so a rule is
 changed by editing the doc, and an import the doc does not allow fails here, naming file, line and rule.
@@ -164,3 +165,16 @@ def test_lazy_and_relative_imports_are_seen(tmp_path):
         "fapo_megatron.cluster",
         "fapo_megatron.cluster.pools",
     ]
+
+
+def test_workers_are_called_by_typed_methods_outside_cluster():
+    """Dispatch by method name (`WorkerGroup.call("train_step")`) only inside cluster/ (cluster/role_groups.py)."""
+    dispatch = {"call", "call_async", "call_each", "call_rank"}
+    found = []
+    for path in package_files():
+        if unit_of(module_name(path)) == "cluster":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in dispatch:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.func.attr}(...)")
+    assert not found, "\n".join(found)
