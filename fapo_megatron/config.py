@@ -291,7 +291,11 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted first)."""
     resume: str = "auto"
-    """auto: continue from output_dir's latest checkpoint if there is one; none; or a checkpoint path."""
+    """auto: continue from output_dir's newest complete checkpoint if there is one; none: start fresh; or the path
+    of a checkpoint (folder or root). A fresh start into an output_dir with an earlier run's metrics or checkpoints
+    is refused unless `overwrite` is set."""
+    overwrite: bool = False
+    """Let a fresh start delete an earlier run's metrics.jsonl, TensorBoard logs and checkpoints in output_dir."""
     val_interval: int = 0
     """Validate every this many steps and after the last one (0: never)."""
     val_n: int = 4
@@ -309,6 +313,14 @@ class TrainerConfig:
         _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _check_range("trainer.val_interval", self.val_interval, low=0)
         _check_positive("trainer.val_n", self.val_n)
+        _check_range("trainer.val_temperature", self.val_temperature, low=0.0)
+        _check_range("trainer.val_top_p", self.val_top_p, low=0.0, high=1.0, low_open=True)
+        if not self.output_dir.strip():
+            raise ConfigError("trainer.output_dir is empty: name the folder for checkpoints and metrics")
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            close = difflib.get_close_matches(self.resume, ["auto", "none"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"trainer.resume={self.resume!r}: not auto, none or an existing checkpoint path{hint}")
 
 
 @dataclass(kw_only=True)
