@@ -146,7 +146,7 @@ class Trainer:
         metrics["perf/prompt_tokens"] = float(batch.lengths.sum()) - response_tokens  # of the rollouts trained on
         bar.set_postfix_str(
             f"step {self.step + 1}: acc {metrics['reward/accuracy']:.2f} "
-            f"flawed {metrics['reward/flawed_positive_share']:.2f}"
+            f"flawed {format_share(metrics['reward/flawed_positive_share'], 2)}"
         )
         return metrics
 
@@ -199,7 +199,7 @@ class Trainer:
             flawed, available, _ = judge_correct_rollouts(self.data.monitor_judge, self.data.val, generations, correct)
             judged = correct & available
             metrics["val/flawed_positive_share"] = (
-                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else 0.0
+                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else math.nan
             )
             metrics["val/clean_accuracy"] = float((correct & ~flawed).float().mean())
         return metrics
@@ -245,6 +245,11 @@ def _progress(cfg: Config, initial: int):
     )
 
 
+def format_share(value: float | None, digits: int = 3) -> str:
+    """A metric for people: "n/a" where it is undefined (NaN, e.g. a share of zero judged rollouts), never 0."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> None:
     """A short table: first and last step of the headline metrics, and where step time went."""
     if not summary:
@@ -260,7 +265,7 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     print(f"\n{'metric':<24}{'first step':>12}{'last step':>12}")
     for key, label in rows:
         if key in last:
-            print(f"{label:<24}{first.get(key, math.nan):>12.3f}{last[key]:>12.3f}")
+            print(f"{label:<24}{format_share(first.get(key, math.nan)):>12}{format_share(last[key]):>12}")
     totals = {}
     for record in summary:
         for key, value in record.items():
