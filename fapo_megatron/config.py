@@ -85,6 +85,9 @@ class OptimConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Global grad-norm clip; 0 disables it."""
+    on_non_finite: Literal["stop", "skip"] = "stop"
+    """An update whose loss or gradient holds NaN/inf: stop the run before applying it (the last checkpoint stays
+    good), or skip it (counted as actor/skipped_non_finite)."""
 
     def __post_init__(self):
         _check_range("optim.lr", self.lr, low=0.0, low_open=True)
