@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fapo_megatron.config import Config, DataConfig, to_dict
+from fapo_megatron.config import Config, ConfigError, DataConfig, TrainerConfig, to_dict
 from fapo_megatron.data.arith import make_arith_items
 from fapo_megatron.data.items import PromptItem
 from fapo_megatron.data.loaders import load_prompts
 from fapo_megatron.data.templates import load_tokenizer
 from fapo_megatron.genrm.task import load_genrm_items
 from fapo_megatron.genrm.types import Judge
+from fapo_megatron.megatron import checkpoint_files
+from fapo_megatron.metrics import METRICS_FILE, TENSORBOARD_DIR
 
 
 @dataclass
@@ -34,6 +37,7 @@ def load_train_val(cfg: DataConfig, *, genrm_max_steps: int = 32) -> tuple[list[
             "max_steps": cfg.arith_max_steps,
             "max_value": cfg.arith_max_value,
             "max_operand": cfg.arith_max_operand,
+            "identity_steps": cfg.arith_identity_steps,
         }
         train = make_arith_items(cfg.arith_num_train, cfg.seed, split="train", **steps)
         val = make_arith_items(cfg.arith_num_val, cfg.seed, split="val", **steps) if cfg.arith_num_val else []
@@ -82,13 +86,37 @@ def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge |
     return GenRMGroup(session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num))
 
 
-def resume_path(resume: str, checkpoint_dir: Path) -> Path | None:
-    """auto: the latest checkpoint under checkpoint_dir if any; none: start fresh; else that checkpoint path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return checkpoint_dir if (checkpoint_dir / "latest").is_file() else None
-    path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint")
-    return path
+def resume_path(trainer: TrainerConfig, output_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start.
+
+    auto: the newest complete step folder under output_dir/checkpoints (`latest` is only a hint); none: fresh; else
+    that checkpoint path. A fresh start into an output_dir that holds an earlier run's metrics or checkpoints is
+    refused, since it would overwrite them, unless trainer.overwrite is set: then they are deleted first.
+    """
+    checkpoint_dir = output_dir / "checkpoints"
+    if trainer.resume not in ("auto", "none"):
+        return Path(trainer.resume)
+    if trainer.resume == "auto":
+        newest = checkpoint_files.newest_complete(checkpoint_dir)
+        if newest is not None:
+            return newest
+    earlier = [p for p in (output_dir / METRICS_FILE, checkpoint_dir) if _holds_data(p)]
+    if earlier and not trainer.overwrite:
+        why = "has no complete checkpoint to resume" if trainer.resume == "auto" else "is trainer.resume=none"
+        raise ConfigError(
+            f"trainer.output_dir={output_dir} already holds {' and '.join(p.name for p in earlier)} of an earlier "
+            f"run, and this start {why}: it would overwrite them. Pick another trainer.output_dir, resume a "
+            "checkpoint (trainer.resume=PATH), or set trainer.overwrite=true to delete them and start over"
+        )
+    for path in earlier + [output_dir / TENSORBOARD_DIR]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return None
+
+
+def _holds_data(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.is_file() and path.stat().st_size > 0

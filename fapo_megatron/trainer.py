@@ -21,6 +21,7 @@ from fapo_megatron.data import PromptSampler
 from fapo_megatron.data.templates import encode_prompt
 from fapo_megatron.engine_protocol import SamplingParams
 from fapo_megatron.experience import build_train_batch, grade_rollouts
+from fapo_megatron.megatron import checkpoint_files
 from fapo_megatron.metrics import MetricsLogger, PhaseTimer
 from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
 from fapo_megatron.verify import AnswerChecker
@@ -31,6 +32,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.resume_from = resume_path(cfg.trainer, self.output_dir)
+        """The checkpoint to resume from (None: a fresh start), decided before any data, Ray or worker starts."""
         self.data: RunData = load_run_data(cfg)
         self.sampler = PromptSampler(self.data.train, cfg.data.batch_size, cfg.data.seed)
         self.checker = AnswerChecker(num_workers=2)
@@ -67,16 +70,19 @@ class Trainer:
                     if self._validation_due():
                         with self.timer.phase("validation"):
                             metrics.update(self.validate())
-                    if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
-                        with self.timer.phase("checkpoint"):
-                            self.save_checkpoint()
+                    # The row goes out before the checkpoint: a kill between the two resumes at the step
+                    # before, which rewinds the row; the other order would lose it. The save's time is
+                    # reported in the next step's row.
                     metrics.update({f"time/{k}": v for k, v in self.timer.reset().items()})
                     self.logger.log(self.step, metrics)
                     self.summary.append(metrics)
+                    if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
+                        with self.timer.phase("checkpoint"):
+                            self.save_checkpoint()
                     bar.update(1)
                     if preemption.requested:
                         raise SystemExit(EXIT_PREEMPTED)
-                if not (self.checkpoint_dir / "latest").exists() or self._latest_step() != self.step:
+                if self._newest_saved_step() != self.step:
                     self.save_checkpoint()
             finally:
                 bar.close()
@@ -142,7 +148,7 @@ class Trainer:
         metrics["perf/prompt_tokens"] = float(batch.lengths.sum()) - response_tokens  # of the rollouts trained on
         bar.set_postfix_str(
             f"step {self.step + 1}: acc {metrics['reward/accuracy']:.2f} "
-            f"flawed {metrics['reward/flawed_positive_share']:.2f}"
+            f"flawed {format_share(metrics['reward/flawed_positive_share'], 2)}"
         )
         return metrics
 
@@ -189,7 +195,7 @@ class Trainer:
             flawed, available, _ = judge_correct_rollouts(self.data.monitor_judge, self.data.val, generations, correct)
             judged = correct & available
             metrics["val/flawed_positive_share"] = (
-                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else 0.0
+                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else math.nan
             )
             metrics["val/clean_accuracy"] = float((correct & ~flawed).float().mean())
         return metrics
@@ -206,28 +212,20 @@ class Trainer:
     def save_checkpoint(self) -> None:
         extra = {"step": self.step, "sampler": self.sampler.state_dict()}
         self.policy.save(str(self.checkpoint_dir), extra)
-        _prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
+        checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
 
-    def _latest_step(self) -> int:
-        name = (self.checkpoint_dir / "latest").read_text().strip()
-        return int(name.rsplit("_", 1)[-1])
+    def _newest_saved_step(self) -> int | None:
+        steps = checkpoint_files.complete_steps(self.checkpoint_dir)
+        return steps[-1][0] if steps else None
 
     def _resume(self) -> None:
-        path = resume_path(self.cfg.trainer.resume, self.checkpoint_dir)
+        path = self.resume_from
         if path is None:
             return
         extra = self.policy.load(str(path))
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         print(f"fapo-megatron: resumed from {path} at step {self.step}", flush=True)
-
-
-def _prune(root: Path, keep: int) -> None:
-    import shutil
-
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _progress(cfg: Config, initial: int):
@@ -241,6 +239,11 @@ def _progress(cfg: Config, initial: int):
         disable=not cfg.trainer.progress,
         dynamic_ncols=True,
     )
+
+
+def format_share(value: float | None, digits: int = 3) -> str:
+    """A metric for people: "n/a" where it is undefined (NaN, e.g. a share of zero judged rollouts), never 0."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> None:
@@ -258,7 +261,7 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     print(f"\n{'metric':<24}{'first step':>12}{'last step':>12}")
     for key, label in rows:
         if key in last:
-            print(f"{label:<24}{first.get(key, math.nan):>12.3f}{last[key]:>12.3f}")
+            print(f"{label:<24}{format_share(first.get(key, math.nan)):>12}{format_share(last[key]):>12}")
     totals = {}
     for record in summary:
         for key, value in record.items():
