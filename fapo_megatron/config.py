@@ -325,9 +325,13 @@ class TrainerConfig:
     """Validation nucleus mass."""
     progress: bool = True
     """Show a progress bar."""
+    answer_check_workers: int = 2
+    """Processes that run math-verify on the answers the normaliser cannot settle (each killable on a timeout);
+    they run in the trainer process's host while the devices wait, so two keep a 2-core machine responsive."""
 
     def __post_init__(self):
         _check_positive("trainer.steps", self.steps)
+        _check_positive("trainer.answer_check_workers", self.answer_check_workers)
         _check_range("trainer.checkpoint_interval", self.checkpoint_interval, low=0)
         _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _check_range("trainer.val_interval", self.val_interval, low=0)

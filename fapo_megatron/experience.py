@@ -109,24 +109,17 @@ def grade_rollouts(
     check_genrm_outage(counts, genrm.max_unavailable_fraction)
     group_ids = torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
     lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
-    overlong = algorithm.overlong
+    shaping = overlong_shaping(lengths, algorithm, rollout)
+    lam = flaw_penalty(algorithm, judge)
     result = fapo_rewards(
-        correct,
-        flawed,
-        available,
-        lam=algorithm.lam if judge is not None else 0.0,
-        unavailable_policy=genrm.unavailable_policy,
-        response_lengths=lengths,
-        max_response_tokens=rollout.max_response_tokens,
-        overlong_buffer=overlong.buffer if overlong.enable else 0,
-        overlong_factor=overlong.penalty_factor,
+        correct, flawed, available, lam=lam, unavailable_policy=genrm.unavailable_policy, overlong=shaping
     )
     advantages = grpo_advantages(result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep)
-    progress = learning_progress(correct, flawed, group_ids, lam=algorithm.lam)
+    progress = learning_progress(correct, flawed, group_ids, lam=lam)
     metrics = {
         "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
         "reward/outcome_mean": float(result.outcome.float().mean()),
-        "reward/overlong_mean": float(overlong_shaping(lengths, algorithm, rollout).mean()),
+        "reward/overlong_mean": float(shaping.mean()),
         "reward/accuracy": float(correct.float().mean()),
         "reward/flawed_positive_share": flawed_positive_share(correct, flawed, available),
         "reward/num_dropped": float(result.num_dropped),
@@ -194,6 +187,12 @@ def grade_genrm_rollouts(
         group_ids=group_ids,
         metrics=metrics,
     )
+
+
+def flaw_penalty(algorithm: AlgorithmConfig, judge: Judge | None) -> float:
+    """The lam the reward (and the learning-progress metric) uses: GRPO, the baseline, and a run without a judge
+    have no flaw penalty; verdicts, when a judge runs, are still logged."""
+    return algorithm.lam if algorithm.name == "fapo" and judge is not None else 0.0
 
 
 def overlong_shaping(lengths: torch.Tensor, algorithm: AlgorithmConfig, rollout: RolloutConfig) -> torch.Tensor:

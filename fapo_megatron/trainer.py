@@ -26,6 +26,28 @@ from fapo_megatron.metrics import MetricsLogger, PhaseTimer
 from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
 from fapo_megatron.verify import AnswerChecker
 
+VAL_SEED_STRIDE = 7919
+"""Validation at step s samples with seed + 7919 * s, training with seed + s: a prime stride keeps every validation
+seed apart from every training seed of the first 7919 steps, so validation never replays a rollout's draws."""
+
+
+def sampling_params(cfg: Config) -> tuple[SamplingParams, SamplingParams]:
+    """(rollout, validation) sampling of the run, resolved once from the config; the seed is set per step."""
+    rollout = SamplingParams(
+        max_new_tokens=cfg.rollout.max_response_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        n=cfg.rollout.n,
+    )
+    validation = SamplingParams(
+        max_new_tokens=cfg.rollout.max_response_tokens,
+        temperature=cfg.trainer.val_temperature,
+        top_p=cfg.trainer.val_top_p,
+        n=cfg.trainer.val_n,
+    )
+    return rollout, validation
+
 
 class Trainer:
     def __init__(self, cfg: Config):
@@ -36,7 +58,8 @@ class Trainer:
         """The checkpoint to resume from (None: a fresh start), decided before any data, Ray or worker starts."""
         self.data: RunData = load_run_data(cfg)
         self.sampler = PromptSampler(self.data.train, cfg.data.batch_size, cfg.data.seed)
-        self.checker = AnswerChecker(num_workers=2)
+        self.checker = AnswerChecker(num_workers=cfg.trainer.answer_check_workers)
+        self.rollout_params, self.val_params = sampling_params(cfg)
         self.timer = PhaseTimer()
         self.step = 0
         self.summary: list[dict[str, float]] = []
@@ -113,7 +136,7 @@ class Trainer:
                 generations,
                 torch.tensor(correct, dtype=torch.bool),
                 self.judge,
-                algorithm=self._reward_algorithm(),
+                algorithm=cfg.algorithm,
                 rollout=cfg.rollout,
                 genrm=cfg.genrm,
             )
@@ -155,29 +178,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ parts
 
     def sampling(self, *, validation: bool) -> SamplingParams:
-        cfg = self.cfg
+        """This step's sampling: the run's rollout or validation parameters with this step's seed."""
         if validation:
-            return SamplingParams(
-                max_new_tokens=cfg.rollout.max_response_tokens,
-                temperature=cfg.trainer.val_temperature,
-                top_p=cfg.trainer.val_top_p,
-                n=cfg.trainer.val_n,
-                seed=cfg.trainer.seed + 7919 * self.step,
-            )
-        return SamplingParams(
-            max_new_tokens=cfg.rollout.max_response_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            n=cfg.rollout.n,
-            seed=cfg.trainer.seed + self.step,
-        )
-
-    def _reward_algorithm(self):
-        """GRPO is FAPO with the flaw penalty off; verdicts (when a judge runs) are still logged."""
-        if self.cfg.algorithm.name == "grpo":
-            return dataclasses.replace(self.cfg.algorithm, lam=0.0)
-        return self.cfg.algorithm
+            return dataclasses.replace(self.val_params, seed=self.cfg.trainer.seed + VAL_SEED_STRIDE * self.step)
+        return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + self.step)
 
     def validate(self) -> dict[str, float]:
         """avg@k accuracy on the validation prompts (no GenRM in the reward; the program checker, when the task
