@@ -283,6 +283,8 @@ class DataConfig:
     """Largest running value of a synthetic chain."""
     arith_max_operand: int = 20
     """Largest number added or subtracted in a synthetic chain."""
+    arith_identity_steps: int = 0
+    """Trivial steps (x 1, + 0) inserted into each synthetic chain, where a flawed shortcut costs no accuracy."""
 
     def __post_init__(self):
         _check_positive("data.batch_size", self.batch_size)
@@ -292,6 +294,7 @@ class DataConfig:
         _check_range("data.arith_max_steps", self.arith_max_steps, low=self.arith_min_steps)
         _check_range("data.arith_max_value", self.arith_max_value, low=4)
         _check_positive("data.arith_max_operand", self.arith_max_operand)
+        _check_range("data.arith_identity_steps", self.arith_identity_steps, low=0)
 
 
 @dataclass(kw_only=True)

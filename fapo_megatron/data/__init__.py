@@ -3,6 +3,7 @@
 from fapo_megatron.data.arith import (
     FLAWS,
     FLAWS_WITH_CORRECT_ANSWER,
+    SHORTCUT_FLAWS,
     WRONG_ANSWER,
     arith_solution,
     first_wrong_step,
@@ -18,6 +19,7 @@ from fapo_megatron.data.sampler import PromptSampler
 __all__ = [
     "FLAWS",
     "FLAWS_WITH_CORRECT_ANSWER",
+    "SHORTCUT_FLAWS",
     "FORMATS",
     "WRONG_ANSWER",
     "DataError",

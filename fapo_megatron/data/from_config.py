@@ -19,6 +19,7 @@ def load_train_val(cfg: DataConfig, *, genrm_max_steps: int = 32) -> tuple[list[
             "max_steps": cfg.arith_max_steps,
             "max_value": cfg.arith_max_value,
             "max_operand": cfg.arith_max_operand,
+            "identity_steps": cfg.arith_identity_steps,
         }
         train = make_arith_items(cfg.arith_num_train, cfg.seed, split="train", **steps)
         val = make_arith_items(cfg.arith_num_val, cfg.seed, split="val", **steps) if cfg.arith_num_val else []

@@ -126,6 +126,11 @@ def test_load_train_val_from_config(tmp_path):
     train, val = load_train_val(DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3))
     assert (len(train), len(val)) == (40, 8)
     assert {item.meta["split"] for item in train} == {"train"} and {item.meta["split"] for item in val} == {"val"}
+    plain_ops = [len(item.meta["ops"]) for item in train]
+    train, _ = load_train_val(
+        DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3, arith_identity_steps=2)
+    )
+    assert [len(item.meta["ops"]) for item in train] == [n + 2 for n in plain_ops]  # same chains, 2 trivial steps
     path = _write(tmp_path, [GOOD_GSM8K, GOOD_GSM8K])
     train, val = load_train_val(DataConfig(format="gsm8k", train_path=str(path)))
     assert [item.ground_truth for item in train] == ["5", "5"] and val == []
