@@ -12,7 +12,7 @@ trainer all build on it without depending on each other.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +71,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """Sample `params.n` completions per prompt; prompts are text or token ids."""
+
+    def generate_stream(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """`generate`, reporting finished samples as they complete: chunks of (position, generation), where position
+        is the sample's index in the prompt-major list `generate` returns. Every sample is reported exactly once.
+
+        This default reports everything at the end; a backend that knows when each request finishes (SGLang per
+        request, the embedded engine per finished row) overrides it so that consumers (the GenRM) start early.
+        """
+        yield list(enumerate(self.generate(prompts, params)))
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:

@@ -95,7 +95,7 @@ def resume_path(trainer: TrainerConfig, output_dir: Path) -> Path | None:
     """
     checkpoint_dir = output_dir / "checkpoints"
     if trainer.resume not in ("auto", "none"):
-        return Path(trainer.resume)
+        return checkpoint_files.resolve_checkpoint(trainer.resume)
     if trainer.resume == "auto":
         newest = checkpoint_files.newest_complete(checkpoint_dir)
         if newest is not None:

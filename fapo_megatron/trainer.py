@@ -130,7 +130,7 @@ class Trainer:
             [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
         )
         bar.set_postfix_str(f"step {self.step + 1}: genrm")
-        with timer.phase("genrm"):
+        with timer.phase("genrm_visible"):  # synchronous: the step waits for the judge the whole time it is busy
             graded = grade_rollouts(
                 items,
                 generations,
@@ -140,6 +140,7 @@ class Trainer:
                 rollout=cfg.rollout,
                 genrm=cfg.genrm,
             )
+        timer.add("genrm", timer.seconds["genrm_visible"])
         batch = build_train_batch(generations, graded.advantages, graded.keep, self.data.tokenizer.pad_token_id)
 
         bar.set_postfix_str(f"step {self.step + 1}: log-probs")

@@ -144,3 +144,29 @@ def test_yaml_duplicate_keys_empty_file_and_non_utf8_name_file_and_line(tmp_path
     latin.write_bytes(b"algorithm:\n  lam: 0.5\n# caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin.yaml:3: not UTF-8 \(byte 0xe9\)"):
         load_config(latin)
+
+
+def _train_cli(capsys, tmp_path, *overrides):
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    code = main(["train", str(config), f"trainer.output_dir={tmp_path / 'run'}", "trainer.progress=false", *overrides])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_data_and_checkpoint_errors_print_one_line_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"problem": "caf\xe9", "answer": "1"}\n')
+    code, err = _train_cli(capsys, tmp_path, "data.format=math", f"data.train_path={bad}")
+    assert code == 2 and err == f"fapo-megatron: data error: {bad}:1: not UTF-8 (byte 0xe9 at column 17)"
+    empty_root = tmp_path / "ckpts"
+    (empty_root / "step_00000004.tmp").mkdir(parents=True)
+    code, err = _train_cli(capsys, tmp_path, f"trainer.resume={empty_root}")
+    assert code == 2 and err.startswith(f"fapo-megatron: checkpoint error: {empty_root}: not a checkpoint")
+    assert "\n" not in err
+
+
+def test_full_disk_is_named_as_such():
+    from fapo_megatron.megatron.checkpoint_files import torch_save
+
+    with pytest.raises(OSError, match="No space left on device writing /dev/full") as err:
+        torch_save({"w": list(range(10000))}, "/dev/full")  # the kernel's always-full device
+    assert err.value.errno == 28

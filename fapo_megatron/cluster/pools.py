@@ -134,13 +134,15 @@ def ray_session(
 
 
 def _raise_on_sigterm():
-    """Turn SIGTERM into SystemExit in the main thread so the session's cleanup runs; returns the old handler."""
+    """Turn SIGTERM (and SIGHUP) into SystemExit in the main thread so the session's cleanup runs; returns the old
+    SIGTERM handler."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
+    signal.signal(signal.SIGHUP, handler)
     return signal.signal(signal.SIGTERM, handler)
 
 

@@ -34,6 +34,7 @@ from fapo_megatron.megatron.checkpoint_files import (
     LATEST,
     CheckpointError,
     resolve_checkpoint,
+    torch_save,
     verify_checksums,
     write_checksums,
 )
@@ -102,7 +103,7 @@ def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=True), str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
+    torch_save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
     if rank0:
         meta = {
             "step": actor.step,
@@ -111,7 +112,7 @@ def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
             "scheduler": actor.scheduler.state_dict(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        torch.save(extra_state, tmp / "extra.pt")
+        torch_save(extra_state, tmp / "extra.pt")
     dist.barrier()
     if rank0:
         write_checksums(tmp)

@@ -10,8 +10,10 @@ bytes changed since.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import zlib
@@ -134,3 +136,27 @@ def verify_checksums(folder: str | Path) -> None:
             raise CheckpointError(f"{path}: {size} bytes, {want['bytes']} when saved: the file is damaged")
         if _crc32(path) != want["crc32"]:
             raise CheckpointError(f"{path}: checksum differs from the one recorded at save: the file is damaged")
+
+
+def torch_save(obj, path: str | Path) -> None:
+    """torch.save, with a full disk reported as "No space left on device" (torch itself says "unexpected pos")."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        if _out_of_space(Path(path)):
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path}") from err
+        raise
+
+
+def _out_of_space(path: Path) -> bool:
+    """Write 64 KiB to `path` (being written anyway) and sync: does the file system refuse for lack of space?"""
+    try:
+        with path.open("wb") as handle:
+            handle.write(bytes(64 * 1024))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        return err.errno == errno.ENOSPC
+    return False

@@ -134,3 +134,18 @@ def test_load_train_val_from_config(tmp_path):
     path = _write(tmp_path, [GOOD_GSM8K, GOOD_GSM8K])
     train, val = load_train_val(DataConfig(format="gsm8k", train_path=str(path)))
     assert [item.ground_truth for item in train] == ["5", "5"] and val == []
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b'{"problem": "p", "answer": NaN}\n', r"rows.jsonl:2: not valid JSON \(NaN is not a JSON value\)"),
+        (b'{"problem": "p", "answer": 1e999}\n', r"rows.jsonl:2: not valid JSON \(1e999 overflows to inf\)"),
+        (b'{"problem": "caf\xe9", "answer": "1"}\n', r"rows.jsonl:2: not UTF-8 \(byte 0xe9 at column 17\)"),
+    ],
+)
+def test_nan_answer_and_non_utf8_name_file_and_line(tmp_path, raw, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n' + raw)
+    with pytest.raises(DataError, match=message):
+        load_prompts(path, "math")
