@@ -45,8 +45,6 @@ class GradedRollouts:
     """[N] float: group-normalised advantages (0 where not kept)."""
     group_ids: torch.Tensor
     """[N] long: the prompt each rollout answers."""
-    judge_counts: JudgeCounts = field(default_factory=JudgeCounts)
-    """GenRM outcome counts for this step."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Reward-side metrics of the step."""
 
@@ -144,7 +142,6 @@ def grade_rollouts(
         keep=result.keep,
         advantages=advantages,
         group_ids=group_ids,
-        judge_counts=counts,
         metrics=metrics,
     )
 
