@@ -23,7 +23,7 @@ from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.algo.rewards import VerdictUnavailableError
 from fapo_megatron.config import AlgorithmConfig, GenRMConfig, RolloutConfig
 from fapo_megatron.data.items import PromptItem
-from fapo_megatron.engines.base import Generation
+from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.genrm.types import Judge, JudgeCounts, JudgeRequest, Verdict, verdict_tensors
 
 
@@ -164,7 +164,7 @@ def grade_genrm_rollouts(
     rollout: RolloutConfig,
 ) -> GradedRollouts:
     """GenRM training: the rollouts are GenRM answers, rewarded by step distance to the label (+ overlong shaping)."""
-    from fapo_megatron.data.genrm_task import score_genrm_responses
+    from fapo_megatron.genrm.task import score_genrm_responses
 
     scores = score_genrm_responses([items[g.prompt_index] for g in generations], [g.text for g in generations])
     num, group_ids = len(generations), torch.tensor([g.prompt_index for g in generations], dtype=torch.long)

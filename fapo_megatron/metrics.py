@@ -20,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-PHASES = ("rollout", "genrm", "logprobs", "update", "weight_sync", "validation", "checkpoint")
-"""Timed phases of one step, in the order they run."""
+PHASES = ("rollout", "genrm_visible", "logprobs", "update", "weight_sync", "validation", "checkpoint")
+"""Timed phases of one step, in the order they run. `genrm_visible` is the wall time the step waited for verdicts;
+`time/genrm` beside it is the judge's busy time (wall time with at least one request in flight), which may
+overlap the rollout and the log-prob pass when verdicts stream."""
 
 
 class PhaseTimer:
@@ -37,6 +39,10 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        """Account time measured elsewhere (e.g. the judge's busy time, measured by the judge)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def reset(self) -> dict[str, float]:
         seconds, self.seconds = self.seconds, {}

@@ -19,7 +19,7 @@ import torch
 from fapo_megatron.config import Config, dump_yaml, to_dict
 from fapo_megatron.data import PromptSampler
 from fapo_megatron.data.templates import encode_prompt
-from fapo_megatron.engines.base import SamplingParams
+from fapo_megatron.engine_protocol import SamplingParams
 from fapo_megatron.experience import build_train_batch, grade_rollouts
 from fapo_megatron.megatron import checkpoint_files
 from fapo_megatron.metrics import MetricsLogger, PhaseTimer
@@ -46,18 +46,20 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         from fapo_megatron.cluster.pools import ray_session
         from fapo_megatron.cluster.preemption import EXIT_PREEMPTED, install_preemption_handler
+        from fapo_megatron.cluster.role_groups import PolicyGroup
 
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         with ray_session(cfg) as session:
+            from fapo_megatron.roles.genrm import GenRMWorker
             from fapo_megatron.roles.policy import PolicyWorker
 
-            self.policy = session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),))
-            self.judge = build_judge_for_run(cfg, session)
+            self.policy = PolicyGroup(session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),)))
+            self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):
-                self.policy.call("sync_weights")  # engines start from the actor's (possibly resumed) weights
+                self.policy.sync_weights()  # engines start from the actor's (possibly resumed) weights
             preemption = install_preemption_handler()
             self.logger = MetricsLogger(self.output_dir, resume_step=self.step)
             bar = _progress(cfg, self.step)
@@ -99,13 +101,13 @@ class Trainer:
 
         bar.set_postfix_str(f"step {self.step + 1}: rollout")
         with timer.phase("rollout"):
-            generations = self.generate(prompts, self.sampling(validation=False))
-            self.policy.call("wake_actor")
+            generations = self.policy.generate(prompts, self.sampling(validation=False))
+            self.policy.wake_actor()
         correct = self.checker.check(
             [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
         )
         bar.set_postfix_str(f"step {self.step + 1}: genrm")
-        with timer.phase("genrm"):
+        with timer.phase("genrm_visible"):  # synchronous: the step waits for the judge the whole time it is busy
             graded = grade_rollouts(
                 items,
                 generations,
@@ -115,18 +117,19 @@ class Trainer:
                 rollout=cfg.rollout,
                 genrm=cfg.genrm,
             )
+        timer.add("genrm", timer.seconds["genrm_visible"])
         batch = build_train_batch(generations, graded.advantages, graded.keep, self.data.tokenizer.pad_token_id)
 
         bar.set_postfix_str(f"step {self.step + 1}: log-probs")
         with timer.phase("logprobs"):
-            old_logprobs, entropy = self.policy.call("compute_logprobs", batch)[0]
+            old_logprobs, entropy = self.policy.compute_logprobs(batch)
         batch = dataclasses.replace(batch, old_logprobs=old_logprobs)
         bar.set_postfix_str(f"step {self.step + 1}: update")
         with timer.phase("update"):
-            update = self.policy.call("train_step", batch)[0]
+            update = self.policy.train_step(batch)
         bar.set_postfix_str(f"step {self.step + 1}: weight sync")
         with timer.phase("weight_sync"):
-            sync = self.policy.call("sync_weights")
+            sync = self.policy.sync_weights()
 
         mask = batch.response_mask.bool()
         response_tokens = int(mask.sum())
@@ -171,12 +174,6 @@ class Trainer:
             seed=cfg.trainer.seed + self.step,
         )
 
-    def generate(self, prompts, params: SamplingParams):
-        shards = self.policy.call("generate", prompts, params)
-        generations = [g for shard in shards for g in shard]
-        generations.sort(key=lambda g: g.prompt_index)  # prompt-major: groups stay contiguous
-        return generations
-
     def _reward_algorithm(self):
         """GRPO is FAPO with the flaw penalty off; verdicts (when a judge runs) are still logged."""
         if self.cfg.algorithm.name == "grpo":
@@ -189,7 +186,7 @@ class Trainer:
         if not self.data.val:
             return {}
         prompts = [encode_prompt(item, self.data.tokenizer) for item in self.data.val]
-        generations = self.generate(prompts, self.sampling(validation=True))
+        generations = self.policy.generate(prompts, self.sampling(validation=True))
         golds = [self.data.val[g.prompt_index].ground_truth for g in generations]
         correct = torch.tensor(self.checker.check([g.text for g in generations], golds), dtype=torch.bool)
         metrics = {"val/accuracy": float(correct.float().mean())}
@@ -215,7 +212,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         extra = {"step": self.step, "sampler": self.sampler.state_dict()}
-        self.policy.call("save", str(self.checkpoint_dir), extra)
+        self.policy.save(str(self.checkpoint_dir), extra)
         checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
 
     def _newest_saved_step(self) -> int | None:
@@ -226,7 +223,7 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        extra = self.policy.call("load", str(path))[0]
+        extra = self.policy.load(str(path))
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         print(f"fapo-megatron: resumed from {path} at step {self.step}", flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fapo_megatron.config import GenRMConfig
-from fapo_megatron.engines.base import Engine
+from fapo_megatron.engine_protocol import Engine
 from fapo_megatron.genrm.client import GenRMClient
 from fapo_megatron.genrm.prompt import render_chatml, render_with_tokenizer
 from fapo_megatron.genrm.transports import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fapo_megatron import http_deadline
-from fapo_megatron.engines.base import Engine, EngineError, SamplingParams
+from fapo_megatron.engine_protocol import Engine, EngineError, SamplingParams
 from fapo_megatron.genrm.prompt import render_chatml
 from fapo_megatron.genrm.types import VerdictStatus
 

@@ -121,7 +121,7 @@ def test_bad_file_or_format(tmp_path):
 
 def test_load_train_val_from_config(tmp_path):
     from fapo_megatron.config import DataConfig
-    from fapo_megatron.data import load_train_val
+    from fapo_megatron.run_setup import load_train_val
 
     train, val = load_train_val(DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3))
     assert (len(train), len(val)) == (40, 8)

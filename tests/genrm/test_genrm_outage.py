@@ -9,7 +9,7 @@ import torch
 from fapo_megatron.algo.rewards import VerdictUnavailableError
 from fapo_megatron.config import load_config
 from fapo_megatron.data.items import PromptItem
-from fapo_megatron.engines.base import Generation
+from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.experience import grade_rollouts
 from fapo_megatron.genrm.build import build_judge
 from fapo_megatron.metrics import MetricsLogger, read_metrics
