@@ -50,6 +50,20 @@ class Crasher:
         os._exit(3)
 
 
+class ManagerOwner:
+    """Starts a multiprocessing Manager server, as megatron-core's checkpoint writer does for its results queue."""
+
+    def start_manager(self) -> int:
+        import multiprocessing
+
+        self.queue = multiprocessing.get_context("spawn").Manager().Queue()
+        (server,) = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        return server.pid
+
+    def die(self):
+        os.kill(os.getpid(), 9)
+
+
 class BrokenInit:
     def __init__(self, path: str):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -107,6 +121,21 @@ def test_a_dying_worker_is_named_and_its_group_shuts_down(session):
     crashers.shutdown()
     with pytest.raises(RuntimeError, match="'rollout' was shut down"):
         crashers.call("die")
+
+
+def test_children_of_a_killed_worker_do_not_outlive_it(session):
+    """SIGKILL gives a worker no chance to stop its children; the raylet, made their subreaper, kills them."""
+    owners = WorkerGroup("actor", ManagerOwner, session.pools["actor"], 1, share=0.25)
+    (manager_pid,) = owners.call("start_manager")
+    with pytest.raises(WorkerError, match="worker process died"):
+        owners.call("die")
+    owners.shutdown()
+    try:
+        psutil.Process(manager_pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        pytest.fail(f"the killed worker's child {manager_pid} is still running")
 
 
 def test_a_worker_failing_in_init_is_named(session):

@@ -20,13 +20,12 @@ class _Trickle(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.recv(65536)
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n"
-        if self.server.in_headers:
-            head += b"X-Slow: " + b"a" * 100000
-        else:
-            head += b"\r\n"
-            self.request.sendall(head)
-            head = b'{"text": "' + b"x" * 100000
         try:
+            if self.server.in_headers:
+                head += b"X-Slow: " + b"a" * 100000
+            else:
+                self.request.sendall(head + b"\r\n")
+                head = b'{"text": "' + b"x" * 100000
             for byte in head:
                 self.request.sendall(bytes([byte]))
                 time.sleep(0.05)
