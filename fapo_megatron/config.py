@@ -51,7 +51,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU only; needs tp > 1)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch in forward/backward."""
+    """Sequences per micro-batch in forward/backward (when max_tokens_per_micro_batch is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch: rows packed back to back (first-fit-decreasing, a longer row alone) and spread
+    over DP ranks by token count; 0 keeps fixed micro_batch_size rows padded to the longest."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
     offload_actor: bool = True
@@ -63,6 +66,7 @@ class ParallelConfig:
         _check_positive("parallel.tp", self.tp)
         _check_positive("parallel.pp", self.pp)
         _check_positive("parallel.micro_batch_size", self.micro_batch_size)
+        _check_range("parallel.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=0)
 
 
 @dataclass(kw_only=True)

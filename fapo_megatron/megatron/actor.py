@@ -34,6 +34,7 @@ from fapo_megatron.megatron import model as mcore
 from fapo_megatron.megatron import platform
 from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logprobs
 from fapo_megatron.megatron.offload import StateOffloader
+from fapo_megatron.megatron.packing import packed_micro_batches, padded_micro_batches, unpack
 from fapo_megatron.models import hf_mapping, registry
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class MegatronActor:
             # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
             bias_activation_fusion=not platform.on_cpu(),
             bias_dropout_fusion=not platform.on_cpu(),
+            # packs differ in length: pipeline stages exchange each one's shape first (megatron refuses that with
+            # its default MoE dispatcher even in a dense model; alltoall is inert without experts)
+            variable_seq_lengths=par.max_tokens_per_micro_batch > 0,
+            moe_token_dispatcher_type="alltoall",
         )
         self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
         if cfg.model.path:
@@ -186,27 +191,18 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _micro_batches(self, batch: TrainBatch, rows_multiple: int) -> tuple[list[dict], int, int]:
-        """This DP rank's micro-batches (dicts of device tensors), the padded length S and its real row count."""
-        lay, mbs = self.layout, self.cfg.parallel.micro_batch_size
-        multiple = lay.tp if self.cfg.parallel.sequence_parallel else 1
-        batch = _pad_columns(batch.trimmed(multiple), multiple)
-        real = len(batch)
-        if real % rows_multiple:
-            batch = _pad_rows(batch, rows_multiple - real % rows_multiple)
-        local = batch.shard(lay.dp_rank, lay.dp).to(platform.device())
-        seq = local.tokens.shape[1]
-        positions = torch.arange(seq, device=platform.device()).expand(mbs, seq)
-        micro = []
-        for chunk in local.chunks(mbs):
-            item = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
-            item["position_ids"] = positions[: len(chunk)]
-            micro.append(item)
-        return micro, seq, real
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[dict], int]:
+        """This DP rank's micro-batches (see megatron/packing.py) and their longest sequence length."""
+        lay, par = self.layout, self.cfg.parallel
+        multiple = lay.tp if par.sequence_parallel else 1
+        where = dict(dp=lay.dp, dp_rank=lay.dp_rank, multiple=multiple, device=platform.device())
+        if par.max_tokens_per_micro_batch:
+            return packed_micro_batches(batch, budget=par.max_tokens_per_micro_batch, **where)
+        return padded_micro_batches(batch, rows_per_micro_batch=par.micro_batch_size, **where)
 
     def _forward_step(self, loss_func, data_iterator, model):
         item = next(data_iterator)
-        output = model(item["tokens"], item["position_ids"], None)
+        output = model(item["tokens"], item["position_ids"], None, packed_seq_params=item.get("packed_seq_params"))
         return output, partial(loss_func, item)
 
     def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float, entropy_grad: bool = False):
@@ -214,7 +210,7 @@ class MegatronActor:
         logprobs, entropy = vocab_parallel_logprobs(
             logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad
         )
-        return align_to_tokens(logprobs), align_to_tokens(entropy)
+        return unpack(item, align_to_tokens(logprobs)), unpack(item, align_to_tokens(entropy))
 
     def _run(self, micro: list[dict], seq: int, loss_func, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
@@ -223,7 +219,7 @@ class MegatronActor:
             model=[self.ddp],
             num_microbatches=len(micro),
             seq_length=seq,
-            micro_batch_size=self.cfg.parallel.micro_batch_size,
+            micro_batch_size=len(micro[0]["tokens"]),
             forward_only=forward_only,
         )
 
@@ -232,7 +228,7 @@ class MegatronActor:
         """(log-probs, entropy), each [B, S] float32 on CPU, of softmax(logits / temperature); position t is about
         token t given tokens[:t]; 0 at column 0 and on padding."""
         lay = self.layout
-        micro, seq, real = self._micro_batches(batch, lay.dp * self.cfg.parallel.micro_batch_size)
+        micro, seq = self._micro_batches(batch)
 
         def collect(item, logits):
             logprobs, entropy = self._token_logprobs(item, logits, temperature)
@@ -241,20 +237,18 @@ class MegatronActor:
         self.ddp.eval()
         store = self._run(micro, seq, collect, forward_only=True)
         self.ddp.train()
-        rows = sum(len(m["tokens"]) for m in micro)
-        if lay.is_last_stage:
-            local = torch.stack([torch.cat([s[k] for s in store]) for k in ("logprobs", "entropy")])
-        else:
-            local = torch.empty(2, rows, seq, device=platform.device())
+        # every row is computed on one DP rank: the others add zeros
+        out = torch.zeros(2, len(batch), batch.tokens.shape[1], device=platform.device())
+        for item, values in zip(micro, store if lay.is_last_stage else []):
+            real = item["rows"] >= 0
+            both = torch.stack([values["logprobs"], values["entropy"]])[:, real]
+            width = min(both.shape[2], out.shape[2])
+            out[:, item["rows"][real].to(out.device), :width] = both[:, :, :width]
         if lay.pp > 1:
             pp_group = parallel_state.get_pipeline_model_parallel_group()
-            dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-        gathered = [torch.empty_like(local) for _ in range(lay.dp)]
-        dist.all_gather(gathered, local, group=parallel_state.get_data_parallel_group())
-        both = torch.cat(gathered, dim=1)[:, :real].cpu()
-        width = min(seq, batch.tokens.shape[1])
-        out = torch.zeros(2, real, batch.tokens.shape[1])
-        out[:, :, :width] = both[:, :, :width]
+            dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+        out = out.cpu()
         valid = batch.attention_mask.clone()
         valid[:, 0] = False
         out = out * valid.to(out.dtype)
@@ -286,11 +280,11 @@ class MegatronActor:
         return out
 
     def _train_mini_batch(self, mini: TrainBatch) -> dict[str, float]:
-        lay, algo = self.layout, self.cfg.algorithm
+        algo = self.cfg.algorithm
         token_mean = algo.loss_agg_mode == "token-mean"
         normaliser = mini.num_response_tokens if token_mean else mini.num_response_sequences
-        # Rollouts dropped by the unavailable-verdict policy leave uneven mini-batches: pad with uncounted rows.
-        micro, seq, _ = self._micro_batches(mini, lay.dp * self.cfg.parallel.micro_batch_size)
+        # Rollouts dropped by the unavailable-verdict policy leave uneven mini-batches: padded with uncounted rows.
+        micro, seq = self._micro_batches(mini)
         loss_func = partial(self._ppo_loss_func, max(normaliser, 1), token_mean)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -447,18 +441,3 @@ def _broadcast_names(names: list[str], src: int, group) -> list[str]:
     box = [names]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
-
-
-def _pad_rows(batch: TrainBatch, extra: int) -> TrainBatch:
-    """Append `extra` copies of the last row with nothing counted (fills the DP x micro-batch grid)."""
-    index = torch.cat([torch.arange(len(batch)), torch.full((extra,), len(batch) - 1)])
-    padded = batch.select(index)
-    padded.response_mask[len(batch) :] = 0
-    return padded
-
-
-def _pad_columns(batch: TrainBatch, multiple: int) -> TrainBatch:
-    extra = -batch.tokens.shape[1] % multiple
-    if extra == 0:
-        return batch
-    return batch._map(lambda t: torch.nn.functional.pad(t, (0, extra)) if t.dim() == 2 else t)

@@ -77,6 +77,32 @@ def train() -> None:
         actor.close()
 
 
+def packing() -> None:
+    """Padded vs packed micro-batches (token budget per layout) from the same weights: log-probs, then one train
+    step with TIS and KL on, under every loss aggregation mode."""
+    batch = make_batch()
+    budgets = {(1, 1): 20, (2, 1): 14, (1, 2): 32}
+    for (tp, pp), budget in budgets.items():
+        for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+            for packed in (0, budget):
+                extra = {
+                    "algorithm.tis_cap": 2.0,
+                    "algorithm.kl_coef": 0.1,
+                    "algorithm.loss_agg_mode": mode,
+                    "parallel.max_tokens_per_micro_batch": packed,
+                    # Adam's first step is ~lr * sign(g): with eps 1e-8 a gradient element near 1e-8 turns the
+                    # round-off of a different row order over DP ranks into a 1e-5 weight difference
+                    "optim.adam_eps": 1e-6,
+                }
+                actor = build("qwen2", tp, pp, **extra)
+                logprobs = actor.compute_logprobs(batch)[0] if mode == "token-mean" else None
+                metrics = actor.train_step(batch)
+                shapes = [tuple(item["tokens"].shape) for item in actor._micro_batches(batch)[0]]
+                result = {"logprobs": logprobs, "weights": exported(actor), "shapes": shapes, **metrics}
+                emit(f"pack_tp{tp}pp{pp}_{mode}_{packed}", result)
+                actor.close()
+
+
 def checkpoint() -> None:
     """Save at TP2 after one step, then load at TP1 and PP2; a wrong-shape model must name the tensor."""
     batch = make_batch()
@@ -143,5 +169,5 @@ def non_finite() -> None:
 
 if __name__ == "__main__":
     scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
-    scenarios["non_finite"] = non_finite
+    scenarios.update(non_finite=non_finite, packing=packing)
     scenarios[sys.argv[1]]()
