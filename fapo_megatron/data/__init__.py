@@ -11,7 +11,6 @@ from fapo_megatron.data.arith import (
     parse_problem,
 )
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
-from fapo_megatron.data.from_config import load_train_val
 from fapo_megatron.data.items import DataError, PromptItem
 from fapo_megatron.data.loaders import FORMATS, load_prompts
 from fapo_megatron.data.sampler import PromptSampler
@@ -29,7 +28,6 @@ __all__ = [
     "arith_tokenizer",
     "first_wrong_step",
     "load_prompts",
-    "load_train_val",
     "make_arith_items",
     "parse_problem",
 ]

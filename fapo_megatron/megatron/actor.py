@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -34,6 +36,8 @@ from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logp
 from fapo_megatron.megatron.offload import StateOffloader
 from fapo_megatron.models import hf_mapping, registry
 
+logger = logging.getLogger(__name__)
+_LOSS_METRICS = ("pg_loss", "kl_loss", "entropy_loss")
 _SUM_METRICS = ("pg_loss", "kl_loss", "entropy_loss", "local_num_tokens", "local_num_sequences")
 _MAX_METRICS = ("tis_ratio_max",)
 
@@ -275,6 +279,9 @@ class MegatronActor:
                 self.step += 1
         out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         out["lr"] = history[-1]["lr"]
+        applied = [h["grad_norm"] for h in history if not h["skipped_non_finite"]]
+        out["grad_norm"] = sum(applied) / len(applied) if applied else math.nan
+        out["skipped_non_finite"] = sum(h["skipped_non_finite"] for h in history)
         out["optimizer_steps"] = float(len(history))
         return out
 
@@ -288,11 +295,40 @@ class MegatronActor:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = self._run(micro, seq, loss_func, forward_only=False)
+        metrics = self._reduce_metrics(store)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if not self._update_is_finite(metrics):
+            return self._non_finite_update(metrics)
         self.scheduler.step(increment=1)
         _, grad_norm, _ = self.optimizer.step()
-        metrics = self._reduce_metrics(store)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["skipped_non_finite"] = 0.0
+        return metrics
+
+    def _update_is_finite(self, metrics: dict[str, float]) -> bool:
+        """Loss and every rank's gradients finite? (A NaN or inf gradient anywhere makes the global norm
+        non-finite, and Megatron's clipping would then write NaN into every weight.) Same answer on every rank."""
+        bad = any(not math.isfinite(metrics[name]) for name in _LOSS_METRICS if name in metrics)
+        for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            bad = bad or not bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([1.0 if bad else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _non_finite_update(self, metrics: dict[str, float]) -> dict[str, float]:
+        """optim.on_non_finite: stop before the update (weights, optimizer and checkpoints stay as they were), or
+        skip it and count it."""
+        losses = ", ".join(f"{name} {metrics[name]:.4g}" for name in _LOSS_METRICS if name in metrics)
+        if self.cfg.optim.on_non_finite == "stop":
+            raise FloatingPointError(
+                f"optimizer step {self.step + 1}: non-finite loss or gradient ({losses}); the update was not "
+                "applied and the last checkpoint is intact (optim.on_non_finite=skip skips such updates instead)"
+            )
+        logger.warning("optimizer step %d: non-finite loss or gradient (%s); update skipped", self.step + 1, losses)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics["grad_norm"] = float("nan")
+        metrics["skipped_non_finite"] = 1.0
         return metrics
 
     def _ppo_loss_func(self, normaliser: int, token_mean: bool, item: dict, logits_BSV: torch.Tensor):

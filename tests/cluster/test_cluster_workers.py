@@ -9,9 +9,10 @@ import ray
 import torch
 import torch.distributed as dist
 
+from fapo_megatron.cluster.bundles import PoolTimeoutError, create_pool
 from fapo_megatron.cluster.dist_env import init_distributed_from_env
 from fapo_megatron.cluster.placement import PoolSpec
-from fapo_megatron.cluster.pools import PoolTimeoutError, create_pool, ray_session
+from fapo_megatron.cluster.pools import ray_session
 from fapo_megatron.cluster.workers import WorkerError, WorkerGroup
 from fapo_megatron.config import load_config
 

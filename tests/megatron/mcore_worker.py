@@ -116,5 +116,32 @@ def restart() -> None:
     actor.close()
 
 
+def non_finite() -> None:
+    """A NaN advantage in each mini-batch, on DP rank 1's rows in the first and rank 0's in the second: stop leaves
+    the weights as they were; skip counts both updates and leaves them too; a finite batch then updates as usual."""
+    import dataclasses
+
+    good = make_batch()
+    advantages = good.advantages.clone()
+    advantages[[2, 5]] = float("nan")
+    poisoned = dataclasses.replace(good, advantages=advantages)
+    for mode in ("stop", "skip"):
+        actor = build("qwen2", 1, 1, **{"optim.on_non_finite": mode})
+        before = exported(actor)
+        try:
+            metrics = actor.train_step(poisoned)
+            outcome = {"skipped": metrics["skipped_non_finite"], "grad_norm": metrics["grad_norm"]}
+        except FloatingPointError as err:
+            outcome = {"error": str(err)}
+        outcome["unchanged"] = all(torch.equal(before[k], v) for k, v in exported(actor).items())
+        if mode == "skip":
+            actor.train_step(good)
+            outcome["changed_after_good"] = any(not torch.equal(before[k], v) for k, v in exported(actor).items())
+        emit(f"non_finite_{mode}", outcome)
+        actor.close()
+
+
 if __name__ == "__main__":
-    {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}[sys.argv[1]]()
+    scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
+    scenarios["non_finite"] = non_finite
+    scenarios[sys.argv[1]]()

@@ -6,6 +6,7 @@ leave rank 0's results in files; the assertions here compare them with independe
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -155,3 +156,13 @@ def test_restart_after_kill_continues_exactly(results, workdir):
     assert restarted["extra"] == {"data_position": 1} and restarted["step"] == 4
     assert restarted["metrics"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
     assert restarted["metrics"]["grad_norm"] == pytest.approx(uninterrupted["grad_norm"], rel=1e-5)
+
+
+def test_non_finite_update_stops_or_is_skipped_never_applied(results):
+    """2 DP ranks, each NaN on one rank's rows only: both ranks refuse the update (a Megatron step would clip by a NaN
+    norm and write NaN into every weight)."""
+    stop = results("non_finite", 2, "non_finite_stop")
+    assert stop["error"].startswith("optimizer step 1: non-finite loss or gradient") and stop["unchanged"]
+    skip = results("non_finite", 2, "non_finite_skip")
+    assert skip["skipped"] == 2.0 and math.isnan(skip["grad_norm"]) and skip["unchanged"]
+    assert skip["changed_after_good"]

@@ -7,7 +7,7 @@ import torch
 
 from fapo_megatron.config import AlgorithmConfig, GenRMConfig, OverlongConfig, RolloutConfig
 from fapo_megatron.data import arith_solution, make_arith_items
-from fapo_megatron.engines.base import Generation
+from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.experience import grade_rollouts
 from fapo_megatron.genrm.program_judge import ProgramJudge
 
