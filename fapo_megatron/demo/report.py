@@ -97,7 +97,9 @@ def _turn_goal(records: list[dict]) -> Goal:
 def pooled_advantage_share(records: list[dict]) -> float:
     """Share of all the flawed positives of `records` with advantage > 0 (each step weighted by its count)."""
     key = "progress/flawed_positive_advantage_share"
-    pairs = [(r[key], r.get("genrm/flawed", 0.0)) for r in records if r.get(key) is not None]
+    pairs = [
+        (r[key], r.get("genrm/flawed") or 0.0) for r in records if r.get(key) is not None and math.isfinite(r[key])
+    ]
     total = sum(count for _, count in pairs)
     return sum(share * count for share, count in pairs) / total if total else math.nan
 
