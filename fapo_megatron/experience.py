@@ -7,6 +7,7 @@ S = padded prompt + response length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,9 +130,11 @@ def grade_rollouts(
         "response/length_max": float(lengths.max()),
         "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / max(len(generations), 1),
     }
+    # The step's realised sign of the flaw signal (GRPO: +1 whenever rewarded); NaN without flawed positives.
     flawed_positives = correct & flawed & result.keep
-    if bool(flawed_positives.any()):  # the step's realised sign of the flaw signal (GRPO: +1 whenever rewarded)
-        metrics["progress/flawed_positive_advantage_share"] = float((advantages[flawed_positives] > 0).float().mean())
+    metrics["progress/flawed_positive_advantage_share"] = (
+        float((advantages[flawed_positives] > 0).float().mean()) if bool(flawed_positives.any()) else math.nan
+    )
     if judge is not None:
         metrics.update(counts.as_metrics())
     return GradedRollouts(

@@ -20,9 +20,9 @@ tiny model that skips a real step or guesses, however, fails more often, so the 
 removes those flaws and FAPO has nothing to add. Chains may therefore hold trivial steps (`identity_steps`:
 `Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw there: the trivial step left out, stated as a
 bare unjustified number, or written with a wrong result that the next step silently ignores. The running
-value does not change at a trivial step, so a flawed solution reaches the right answer as reliably as a clean
-one (the skip and the bare claim are even shorter, fewer tokens to get wrong): outcome-only GRPO has no reason
-to drop them, while the program checker still marks the exact step, so FAPO's flaw penalty can.
+value does not change at a trivial step, so a flawed solution needs no more arithmetic than a clean one (the
+skip and the bare claim are even shorter, fewer tokens to get wrong): outcome-only GRPO is meant to have no
+reason to drop them, while the program checker still marks the exact step, so FAPO's flaw penalty can.
 """
 
 from __future__ import annotations

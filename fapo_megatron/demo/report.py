@@ -46,10 +46,12 @@ def series(records: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def window_means(records: list[dict], key: str, window: int = WINDOW) -> tuple[float, float]:
-    """Mean of `key` over the first and over the last `window` steps that logged it."""
+    """Mean of `key` over the first and over the last `window` steps (validation: its first and last value)."""
     values = [v for _, v in series(records, key)]
     if not values:
         return math.nan, math.nan
+    if key.startswith("val/"):
+        return values[0], values[-1]
     return _mean(values[:window]), _mean(values[-window:])
 
 
@@ -95,7 +97,9 @@ def _turn_goal(records: list[dict]) -> Goal:
 def pooled_advantage_share(records: list[dict]) -> float:
     """Share of all the flawed positives of `records` with advantage > 0 (each step weighted by its count)."""
     key = "progress/flawed_positive_advantage_share"
-    pairs = [(r[key], r.get("genrm/flawed", 0.0)) for r in records if r.get(key) is not None]
+    pairs = [
+        (r[key], r.get("genrm/flawed") or 0.0) for r in records if r.get(key) is not None and math.isfinite(r[key])
+    ]
     total = sum(count for _, count in pairs)
     return sum(share * count for share, count in pairs) / total if total else math.nan
 
@@ -110,8 +114,16 @@ def print_report(runs: dict[str, str | Path], every: int = 5) -> bool:
             if record["step"] % every == 0 or record["step"] in (1, records[-1]["step"]):
                 print(f"{record['step']:>5}" + "".join(f"{_cell(record.get(key)):>10}" for key, _ in COLUMNS))
         means = [window_means(records, key) for key, _ in COLUMNS]
-        print(f"{'first':>5}" + "".join(f"{_cell(first):>10}" for first, _ in means) + f"   (mean, first {WINDOW})")
-        print(f"{'last':>5}" + "".join(f"{_cell(last):>10}" for _, last in means) + f"   (mean, last {WINDOW})")
+        print(
+            f"{'first':>5}"
+            + "".join(f"{_cell(first):>10}" for first, _ in means)
+            + f"   (mean of the first {WINDOW} steps; val: first value)"
+        )
+        print(
+            f"{'last':>5}"
+            + "".join(f"{_cell(last):>10}" for _, last in means)
+            + f"   (mean of the last {WINDOW} steps; val: last value)"
+        )
     results = goals(runs)
     print("\ngoals")
     for goal in results:

@@ -41,15 +41,15 @@ class WarmupConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     ffn_size: int = 384
-    num_items: int = 2500
+    num_items: int = 4000
     min_steps: int = 2
-    max_steps: int = 2
+    max_steps: int = 3
     max_value: int = 20
-    max_operand: int = 7
+    max_operand: int = 5
     identity_steps: int = 1
     """Trivial steps per chain (data.arith_identity_steps of the RL run); with any, the flaws are SHORTCUT_FLAWS."""
-    clean_share: float = 0.30
-    flawed_share: float = 0.20
+    clean_share: float = 0.36
+    flawed_share: float = 0.24
     """The rest are wrong-answer solutions."""
     steps: int = 1200
     batch_size: int = 32

@@ -1,6 +1,7 @@
 """The step's share of flawed positives with a positive advantage, against FAPO's closed form sign(beta - alpha)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -55,4 +56,4 @@ def test_fapo_flawed_positive_advantage_sign_follows_rho():
 def test_grpo_flawed_positives_gain_like_clean_ones_and_no_flawed_positive_no_share():
     assert _grade("grpo").metrics["progress/flawed_positive_advantage_share"] == 1.0
     clean_only = ((None, "wrong_answer"),)
-    assert "progress/flawed_positive_advantage_share" not in _grade("fapo", clean_only).metrics
+    assert math.isnan(_grade("fapo", clean_only).metrics["progress/flawed_positive_advantage_share"])
