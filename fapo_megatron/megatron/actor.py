@@ -61,18 +61,7 @@ class MegatronActor:
             padded_vocab_size=self.spec.padded_vocab_size(par.tp),
         )
         self.mapping.check_tp(par.tp)
-        self.config = registry.transformer_config(
-            self.spec,
-            tp=par.tp,
-            pp=par.pp,
-            dtype=cfg.model.dtype,
-            sequence_parallel=par.sequence_parallel,
-            initialize_weights=not cfg.model.path,
-            calculate_per_token_loss=True,
-            # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
-            bias_activation_fusion=not platform.on_cpu(),
-            bias_dropout_fusion=not platform.on_cpu(),
-        )
+        self.config = actor_transformer_config(cfg, self.spec)
         self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
         if cfg.model.path:
             self._load_hf_weights(Path(cfg.model.path))
@@ -386,6 +375,25 @@ class MegatronActor:
     def close(self) -> None:
         """Tear down megatron's process groups (the torch.distributed world stays)."""
         mcore.destroy_model_parallel()
+
+
+def actor_transformer_config(cfg: Config, spec: registry.ModelSpec):
+    """The actor's megatron-core TransformerConfig: parallel layout, dtype, recompute and fusions from `cfg`."""
+    par, on_cuda = cfg.parallel, cfg.cluster.device == "cuda"
+    return registry.transformer_config(
+        spec,
+        tp=par.tp,
+        pp=par.pp,
+        dtype=cfg.model.dtype,
+        sequence_parallel=par.sequence_parallel,
+        initialize_weights=not cfg.model.path,
+        calculate_per_token_loss=True,
+        recompute=par.recompute,
+        recompute_num_layers=par.recompute_num_layers,
+        # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+    )
 
 
 def _full_shape(mapping: hf_mapping.TensorMapping, spec: hf_mapping.MappingSpec) -> tuple[int, ...]:
