@@ -285,6 +285,27 @@ def recompute_settings(
     return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=num_layers)
 
 
+def resolve_backend(backend: Literal["auto", "local", "te"] = "auto") -> Literal["local", "te"]:
+    """The layer spec `layer_spec(backend)` builds: auto is Transformer Engine's when it imports."""
+    if backend == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if backend not in ("local", "te"):
+        raise ValueError(f"layer spec backend {backend!r}: choose auto, local or te")
+    return backend
+
+
+def parameter_renames(spec: ModelSpec, backend: Literal["auto", "local", "te"]) -> tuple[tuple[str, str], ...]:
+    """Decoder-layer parameter renames from the local spec's names to `backend`'s: none for the local spec; for TE,
+    megatron-core's own local-to-TE key map (the local spec's `sharded_state_dict_keys_map`, which is how local
+    checkpoints load into TE models: input_layernorm. -> self_attention.linear_qkv.layer_norm_, ...)."""
+    if resolve_backend(backend) == "local":
+        return ()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    local = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+    return tuple(local.submodules.sharded_state_dict_keys_map.items())
+
+
 def layer_spec(spec: ModelSpec, backend: Literal["auto", "local", "te"] = "auto"):
     """GPT decoder layer `ModuleSpec`: Transformer Engine's when it imports (or is asked for), else the local
     spec with core attention on torch SDPA."""
@@ -293,14 +314,11 @@ def layer_spec(spec: ModelSpec, backend: Literal["auto", "local", "te"] = "auto"
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if backend == "auto":
-        backend = "te" if transformer_engine_available() else "local"
+    backend = resolve_backend(backend)
     if backend == "te":
         if not transformer_engine_available():
             raise UnsupportedModelError("layer spec backend 'te' asked for, but transformer_engine is not installed")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
-    if backend != "local":
-        raise ValueError(f"layer spec backend {backend!r}: choose auto, local or te")
     from fapo_megatron.models.attention import SDPACoreAttention
 
     layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
