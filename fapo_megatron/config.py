@@ -61,11 +61,15 @@ class ParallelConfig:
     """Move the actor's parameters and optimizer state to host memory while the colocated engines generate."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (core attention only), full (every layer's input kept)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recomputed chunk (megatron's uniform method keeps one input per chunk)."""
 
     def __post_init__(self):
         _check_positive("parallel.tp", self.tp)
         _check_positive("parallel.pp", self.pp)
         _check_positive("parallel.micro_batch_size", self.micro_batch_size)
+        _check_choice("parallel.recompute", self.recompute, ("none", "selective", "full"))
+        _check_positive("parallel.recompute_num_layers", self.recompute_num_layers)
         _check_range("parallel.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=0)
 
 

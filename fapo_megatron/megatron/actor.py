@@ -14,6 +14,7 @@ Legend: B rows of a batch, S padded sequence length, V_r vocabulary rows of this
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -61,28 +62,17 @@ class MegatronActor:
             hf_config = registry.tiny_hf_config(cfg.model.tiny)
         self.hf_config = hf_config
         self.spec = registry.model_spec(hf_config)
+        self.backend = registry.resolve_backend("auto")
+        """The layer spec built (local or Transformer Engine); the HF name map follows it."""
         self.mapping = dataclasses.replace(
-            hf_mapping.MappingSpec.from_hf_config(hf_config, tp=par.tp),
+            hf_mapping.MappingSpec.from_hf_config(
+                hf_config, tp=par.tp, layer_renames=registry.parameter_renames(self.spec, self.backend)
+            ),
             padded_vocab_size=self.spec.padded_vocab_size(par.tp),
         )
         self.mapping.check_tp(par.tp)
-        self.config = registry.transformer_config(
-            self.spec,
-            tp=par.tp,
-            pp=par.pp,
-            dtype=cfg.model.dtype,
-            sequence_parallel=par.sequence_parallel,
-            initialize_weights=not cfg.model.path,
-            calculate_per_token_loss=True,
-            # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
-            bias_activation_fusion=not platform.on_cpu(),
-            bias_dropout_fusion=not platform.on_cpu(),
-            # packs differ in length: pipeline stages exchange each one's shape first (megatron refuses that with
-            # its default MoE dispatcher even in a dense model; alltoall is inert without experts)
-            variable_seq_lengths=par.max_tokens_per_micro_batch > 0,
-            moe_token_dispatcher_type="alltoall",
-        )
-        self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
+        self.config = actor_transformer_config(cfg, self.spec, self.backend)
+        self.model = mcore.build_gpt_model(self.spec, self.config, self.layout, self.backend)
         if cfg.model.path:
             self._load_hf_weights(Path(cfg.model.path))
         self.ddp = mcore.wrap_ddp(self.model, self.config, par.use_distributed_optimizer)
@@ -416,6 +406,35 @@ class MegatronActor:
     def close(self) -> None:
         """Tear down megatron's process groups (the torch.distributed world stays)."""
         mcore.destroy_model_parallel()
+
+
+def actor_transformer_config(cfg: Config, spec: registry.ModelSpec, backend: str = "local"):
+    """The actor's megatron-core TransformerConfig: parallel layout, dtype, recompute and fusions from `cfg`; with
+    the Transformer Engine spec (fused norm + linear) also TE's RoPE fusion, and gradient-accumulation fusion where
+    its kernel (fused_weight_gradient_mlp_cuda) imports."""
+    par, on_cuda = cfg.parallel, cfg.cluster.device == "cuda"
+    with_te = on_cuda and backend == "te"
+    grad_accum_fusion = with_te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    return registry.transformer_config(
+        spec,
+        tp=par.tp,
+        pp=par.pp,
+        dtype=cfg.model.dtype,
+        sequence_parallel=par.sequence_parallel,
+        initialize_weights=not cfg.model.path,
+        calculate_per_token_loss=True,
+        recompute=par.recompute,
+        recompute_num_layers=par.recompute_num_layers,
+        # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+        apply_rope_fusion=with_te,
+        gradient_accumulation_fusion=grad_accum_fusion,
+        # packs differ in length: pipeline stages exchange each one's shape first (megatron refuses that with
+        # its default MoE dispatcher even in a dense model; alltoall is inert without experts)
+        variable_seq_lengths=par.max_tokens_per_micro_batch > 0,
+        moe_token_dispatcher_type="alltoall",
+    )
 
 
 def _full_shape(mapping: hf_mapping.TensorMapping, spec: hf_mapping.MappingSpec) -> tuple[int, ...]:
