@@ -214,9 +214,16 @@ class Trainer:
         interval = self.cfg.trainer.val_interval
         return interval > 0 and (self._due(interval) or self.step == self.cfg.trainer.steps)
 
+    def state_dict(self) -> dict:
+        """The loop's own state, saved beside the actor's: the step (which names checkpoints) and the data position."""
+        return {"step": self.step, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+
     def save_checkpoint(self) -> None:
-        extra = {"step": self.step, "sampler": self.sampler.state_dict()}
-        self.policy.save(str(self.checkpoint_dir), extra)
+        self.policy.save(str(self.checkpoint_dir), self.step, self.state_dict())
         checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
 
     def _newest_saved_step(self) -> int | None:
@@ -227,9 +234,7 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        extra = self.policy.load(str(path))
-        self.step = int(extra["step"])
-        self.sampler.load_state_dict(extra["sampler"])
+        self.load_state_dict(self.policy.load(str(path)))
         print(f"fapo-megatron: resumed from {path} at step {self.step}", flush=True)
 
 

@@ -87,6 +87,15 @@ class TrainBatch:
             raise ValueError(f"chunk size {size} must be > 0")
         return [self.select(slice(start, start + size)) for start in range(0, len(self), size)]
 
+    def split(self, count: int) -> list[TrainBatch]:
+        """`count` consecutive row blocks of near-equal size (fewer when there are fewer rows than `count`); with
+        count x size rows they are `chunks(size)`."""
+        if count <= 0:
+            raise ValueError(f"split count {count} must be > 0")
+        count = min(count, len(self))
+        bounds = [round(i * len(self) / count) for i in range(count + 1)]
+        return [self.select(slice(bounds[i], bounds[i + 1])) for i in range(count)]
+
     def shard(self, rank: int, world_size: int) -> TrainBatch:
         """Data-parallel rank `rank`'s contiguous 1/world_size of the rows; B must divide evenly."""
         if len(self) % world_size:

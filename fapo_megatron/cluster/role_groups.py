@@ -44,8 +44,9 @@ class PolicyGroup:
         """Per rank: seconds, bytes and buckets pushed into its engine (0 bytes on ranks without one)."""
         return self.group.call("sync_weights")
 
-    def save(self, directory: str, extra_state: dict) -> None:
-        self.group.call("save", directory, extra_state)
+    def save(self, directory: str, step: int, extra_state: dict) -> None:
+        """Checkpoint as `step_<step>`: the trainer's step names checkpoints, not the optimizer's count."""
+        self.group.call("save", directory, step, extra_state)
 
     def load(self, directory: str) -> dict:
         """The extra state saved with the checkpoint (step, sampler position)."""

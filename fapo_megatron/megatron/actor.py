@@ -77,15 +77,16 @@ class MegatronActor:
             self._load_hf_weights(Path(cfg.model.path))
         self.ddp = mcore.wrap_ddp(self.model, self.config, par.use_distributed_optimizer)
         self.optimizer = mcore.build_optimizer(self.ddp, cfg.optim, cfg.model.dtype, par.use_distributed_optimizer)
+        self.mini_batches_per_epoch = cfg.data.batch_size // cfg.algorithm.mini_batch_size
+        """Optimizer steps per PPO epoch of one trainer step, also when dropped rollouts leave fewer rows."""
         if total_steps is None:
-            updates_per_step = cfg.data.batch_size // cfg.algorithm.mini_batch_size * cfg.algorithm.ppo_epochs
-            total_steps = cfg.trainer.steps * updates_per_step
+            total_steps = cfg.trainer.steps * self.mini_batches_per_epoch * cfg.algorithm.ppo_epochs
         self.scheduler = mcore.build_scheduler(self.optimizer, cfg.optim, total_steps)
         self.config.no_sync_func = self.ddp.no_sync
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss if cfg.model.dtype == "float16" else None
-        self.step = 0
-        """Optimizer steps taken (saved in checkpoints)."""
+        self.optimizer_steps = 0
+        """Optimizer steps taken: the LR schedule's position (saved in checkpoints; the trainer's step names them)."""
         self._offloader = StateOffloader(self.ddp, self.optimizer)
         if cfg.model.megatron_checkpoint:
             self.load(cfg.model.megatron_checkpoint)
@@ -247,7 +248,8 @@ class MegatronActor:
     # ------------------------------------------------------------------------------------------ training
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """PPO/FAPO update on `batch` (ppo_epochs passes of mini-batches of mini_batch_size x rollout.n rows);
+        """PPO/FAPO update on `batch`: ppo_epochs passes of `mini_batches_per_epoch` mini-batches (mini_batch_size x
+        rollout.n rows each; smaller, never fewer, when rollouts were dropped, so the LR schedule's count holds);
         returns metrics averaged over the optimizer steps (lr: the last one's)."""
         if batch.old_logprobs is None:
             old, _ = self.compute_logprobs(batch, self.cfg.rollout.temperature)
@@ -255,12 +257,11 @@ class MegatronActor:
         algo = self.cfg.algorithm
         if algo.kl_coef > 0 and batch.ref_logprobs is None and batch.rollout_logprobs is not None:
             batch = dataclasses.replace(batch, ref_logprobs=batch.rollout_logprobs)
-        rows = algo.mini_batch_size * self.cfg.rollout.n
         history = []
         for _ in range(algo.ppo_epochs):
-            for mini in batch.chunks(rows):
+            for mini in batch.split(self.mini_batches_per_epoch):
                 history.append(self._train_mini_batch(mini))
-                self.step += 1
+                self.optimizer_steps += 1
         out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         out["lr"] = history[-1]["lr"]
         applied = [h["grad_norm"] for h in history if not h["skipped_non_finite"]]
@@ -305,10 +306,12 @@ class MegatronActor:
         losses = ", ".join(f"{name} {metrics[name]:.4g}" for name in _LOSS_METRICS if name in metrics)
         if self.cfg.optim.on_non_finite == "stop":
             raise FloatingPointError(
-                f"optimizer step {self.step + 1}: non-finite loss or gradient ({losses}); the update was not "
-                "applied and the last checkpoint is intact (optim.on_non_finite=skip skips such updates instead)"
+                f"optimizer step {self.optimizer_steps + 1}: non-finite loss or gradient ({losses}); the update was "
+                "not applied and the last checkpoint is intact (optim.on_non_finite=skip skips such updates instead)"
             )
-        logger.warning("optimizer step %d: non-finite loss or gradient (%s); update skipped", self.step + 1, losses)
+        logger.warning(
+            "optimizer step %d: non-finite loss or gradient (%s); update skipped", self.optimizer_steps + 1, losses
+        )
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics["grad_norm"] = float("nan")
@@ -393,10 +396,11 @@ class MegatronActor:
         """Bring back what `offload` moved; the next step sees exactly the state it left."""
         self._offloader.onload()
 
-    def save(self, directory: str | Path, extra_state: dict | None = None) -> Path:
+    def save(self, directory: str | Path, step: int, extra_state: dict | None = None) -> Path:
+        """Checkpoint as `step_<step>` (the trainer's step) under `directory`."""
         from fapo_megatron.megatron.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, directory, extra_state or {})
+        return save_checkpoint(self, directory, step, extra_state or {})
 
     def load(self, directory: str | Path) -> dict:
         from fapo_megatron.megatron.checkpoint import load_checkpoint

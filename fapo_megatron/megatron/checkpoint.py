@@ -92,10 +92,10 @@ def _restore_adam_steps(optimizer) -> None:
                 inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
-def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
-    """Write the actor's state under `root` as step_<actor.step>; returns the checkpoint folder."""
+def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Path:
+    """Write the actor's state under `root` as step_<step> (the trainer's step); returns the checkpoint folder."""
     root = Path(root)
-    final = root / f"step_{actor.step:08d}"
+    final = root / f"step_{step:08d}"
     tmp = root / (final.name + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -106,7 +106,8 @@ def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
     torch_save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
     if rank0:
         meta = {
-            "step": actor.step,
+            "step": step,
+            "optimizer_steps": actor.optimizer_steps,
             "layout": _layout(actor),
             "hf_config": actor.hf_config,
             "scheduler": actor.scheduler.state_dict(),
@@ -198,7 +199,7 @@ def _load_weights_only(actor, folder: Path, meta: dict) -> dict:
         "RNG and step start fresh (step %d)",
         folder,
         meta.get("converted_from", "?"),
-        actor.step,
+        actor.optimizer_steps,
     )
     dist.barrier()
     return {}
@@ -232,7 +233,7 @@ def load_checkpoint(actor, path: str | Path) -> dict:
         else:
             actor.optimizer.reload_model_params()
     actor.scheduler.load_state_dict(meta["scheduler"])
-    actor.step = meta["step"]
+    actor.optimizer_steps = meta.get("optimizer_steps", meta["step"])  # older checkpoints: one counter
     rng_file = folder / "rng" / f"rank{dist.get_rank()}.pt"
     if same_layout and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -141,11 +141,11 @@ class PolicyWorker:
             self.actor.offload()
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
 
-    def save(self, directory: str, extra_state: dict) -> str:
+    def save(self, directory: str, step: int, extra_state: dict) -> str:
         offloaded = self.actor.offloaded
         self.actor.onload()
         try:
-            return str(self.actor.save(directory, extra_state))
+            return str(self.actor.save(directory, step, extra_state))
         finally:
             if offloaded:
                 self.actor.offload()

@@ -74,10 +74,17 @@ def load() -> None:
     batch = make_batch(vocab=VOCAB)
     actor = build(**{"model.megatron_checkpoint": WORKDIR / "converted"})  # no model.path: weights come from it
     fresh_state = sum(len(opt.optimizer.state) for opt in getattr(actor.optimizer, "chained_optimizers", []))
-    emit("fresh", {"step": actor.step, "optimizer_states": fresh_state, "lr": actor.optimizer.param_groups[0]["lr"]})
+    emit(
+        "fresh",
+        {
+            "optimizer_steps": actor.optimizer_steps,
+            "optimizer_states": fresh_state,
+            "lr": actor.optimizer.param_groups[0]["lr"],
+        },
+    )
     emit("logprobs", actor.compute_logprobs(batch)[0])
     actor.train_step(batch)
-    actor.save(WORKDIR / "train_ckpt", {"data_position": 3})
+    actor.save(WORKDIR / "train_ckpt", 1, {"data_position": 3})
     emit("trained", {name: t.clone() for bucket in actor.export_hf_weights() for name, t in bucket})
     actor.close()
 

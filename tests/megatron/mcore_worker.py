@@ -109,7 +109,7 @@ def checkpoint() -> None:
     root = WORKDIR / "ckpt"
     actor = build("qwen2", 2, 1)
     actor.train_step(batch)
-    actor.save(root, {"data_position": 7})
+    actor.save(root, 1, {"data_position": 7})
     emit("ckpt_tp2", actor.compute_logprobs(batch)[0])
     emit("uninterrupted", actor.train_step(make_batch(1)))
     actor.close()
@@ -131,14 +131,17 @@ def crash() -> None:
     """Train one step, checkpoint, then die without any clean-up (as a killed job would)."""
     actor = build("qwen2", 2, 1)
     actor.train_step(make_batch())
-    actor.save(WORKDIR / "crash_ckpt", {"data_position": 1})
+    actor.save(WORKDIR / "crash_ckpt", 1, {"data_position": 1})
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def restart() -> None:
     actor = build("qwen2", 2, 1)
     extra = actor.load(WORKDIR / "crash_ckpt")
-    emit("restarted", {"metrics": actor.train_step(make_batch(1)), "extra": extra, "step": actor.step})
+    emit(
+        "restarted",
+        {"metrics": actor.train_step(make_batch(1)), "extra": extra, "optimizer_steps": actor.optimizer_steps},
+    )
     actor.close()
 
 

@@ -173,7 +173,7 @@ def test_restart_after_kill_continues_exactly(results, workdir):
     codes = launch_ranks(WORKER, "crash", 2, workdir)
     assert codes == [-9, -9], codes
     restarted = results("restart", 2, "restarted")
-    assert restarted["extra"] == {"data_position": 1} and restarted["step"] == 4
+    assert restarted["extra"] == {"data_position": 1} and restarted["optimizer_steps"] == 4
     assert restarted["metrics"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
     assert restarted["metrics"]["grad_norm"] == pytest.approx(uninterrupted["grad_norm"], rel=1e-5)
 

@@ -62,7 +62,7 @@ def test_converted_checkpoint_gives_hf_logprobs_at_tp2(workdir):
 
 def test_weights_only_load_starts_optimizer_fresh_and_says_so(workdir):
     fresh = _out(workdir, "fresh")
-    assert fresh == {"step": 0, "optimizer_states": 0, "lr": pytest.approx(1e-3)}
+    assert fresh == {"optimizer_steps": 0, "optimizer_states": 0, "lr": pytest.approx(1e-3)}
     log = (workdir / "load_rank0.log").read_text()
     assert "weights-only checkpoint" in log and "optimizer state, LR schedule, RNG and step start fresh" in log
 

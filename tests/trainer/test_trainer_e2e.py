@@ -215,3 +215,15 @@ def test_config_mismatch_fails_before_work(tmp_path):
     assert cfg_error.returncode == 2 and "parallel.tp=3" in cfg_error.stderr
     with pytest.raises(Exception, match="trainer.stepz"):
         load_config(CONFIG, ["trainer.stepz=3"])
+
+
+def test_checkpoints_are_named_by_the_trainer_step(fapo_run):
+    """3 steps of 2 optimizer steps each (batch 4, mini-batch 2), checkpoint every 2: step_2, then step_3 at the end,
+    each written once, the optimizer's own count (the LR schedule's position) kept beside it."""
+    root = fapo_run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]
+    meta = json.loads((root / "step_00000003" / "meta.json").read_text())
+    assert (meta["step"], meta["optimizer_steps"]) == (3, 6)
+    saves = [r.get("time/checkpoint", 0.0) > 0 for r in read_metrics(fapo_run / "metrics.jsonl")]
+    assert saves == [False, False, True]  # a save's time is reported in the next step's row: only step 2's
