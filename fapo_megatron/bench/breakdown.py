@@ -7,6 +7,11 @@ answer checking, batch building, Ray round trips. The first step's weight_sync a
 the actor's weights before the loop; where the timed phases exceed the wall time, the wall time is their sum
 (idle 0). Shares of the run are time-weighted: mean phase seconds over mean wall seconds.
 
+GenRM. `genrm_visible` is the wall time the step waited for verdicts and is what the columns sum; `genrm_busy`
+(the trainer's `time/genrm`) is the judge's busy time, shown beside it: with streamed verdicts it overlaps the
+rollout and the log-prob pass, so it is not a column of the sum. Runs logged before `time/genrm_visible` existed
+judged synchronously: their visible time is `time/genrm`.
+
 Tokens. Response tokens of a step = perf/tokens_per_second x perf/step_seconds (the kept rollouts' response
 tokens, exactly as the trainer counted them). The actor reads prompt + response tokens; prompt tokens come from
 the metric `perf/prompt_tokens` when a run logs it, else from a replay of the run's prompt sampler
@@ -26,7 +31,7 @@ from fapo_megatron.cluster.sizing import ModelShape, resolve_shape
 from fapo_megatron.config import Config, ConfigError, load_config
 from fapo_megatron.metrics import read_metrics
 
-TIMED = ("rollout", "genrm", "logprobs", "update", "weight_sync")
+TIMED = ("rollout", "genrm_visible", "logprobs", "update", "weight_sync")
 """Phases timed inside the training part of a step, in the order they run."""
 COLUMNS = (*TIMED, "val_ckpt", "idle")
 """The breakdown's columns: the timed phases, validation + checkpoint, and untimed time."""
@@ -44,6 +49,8 @@ class StepBreakdown:
     prompt_tokens: float
     sequences: float
     """Rollouts the actor trained on (kept ones)."""
+    genrm_busy_seconds: float
+    """The judge's busy time (`time/genrm`); overlaps other columns when verdicts stream."""
     genrm_asked: float
     genrm_output_tokens: float
     accuracy: float
@@ -89,6 +96,9 @@ def step_breakdown(record: dict, cfg: Config, prompt_tokens_of=None) -> StepBrea
         if record.get(key) is None:
             raise ValueError(f"metrics.jsonl step {step}: no {key!r} (not a training step record of fapo-megatron)")
     seconds = {name: float(record.get(f"time/{name}") or 0.0) for name in TIMED}
+    busy = float(record.get("time/genrm") or 0.0)
+    if record.get("time/genrm_visible") is None:
+        seconds["genrm_visible"] = busy
     seconds["val_ckpt"] = float(record.get("time/validation") or 0.0) + float(record.get("time/checkpoint") or 0.0)
     train_seconds = float(record["perf/step_seconds"])
     timed = sum(seconds.values())
@@ -103,6 +113,7 @@ def step_breakdown(record: dict, cfg: Config, prompt_tokens_of=None) -> StepBrea
         response_tokens=float(record["perf/tokens_per_second"]) * train_seconds,
         prompt_tokens=prompt_tokens_of(int(record["step"]), sequences) if prompt_tokens_of else 0.0,
         sequences=sequences,
+        genrm_busy_seconds=busy,
         genrm_asked=float(record.get("genrm/asked") or 0.0),
         genrm_output_tokens=float(record.get("genrm/output_tokens") or 0.0),
         accuracy=float(record.get("reward/accuracy") or 0.0),
@@ -117,6 +128,8 @@ def summarize(run: RunBreakdown, shape: ModelShape, cfg: Config) -> RunBreakdown
     wall = sum(s.wall_seconds for s in steps)
     run.mean_seconds = {c: sum(s.seconds[c] for s in steps) / num for c in COLUMNS}
     run.shares = {c: sum(s.seconds[c] for s in steps) / wall for c in COLUMNS}
+    run.mean_seconds["genrm_busy"] = sum(s.genrm_busy_seconds for s in steps) / num
+    run.shares["genrm_busy"] = sum(s.genrm_busy_seconds for s in steps) / wall
     response = sum(s.response_tokens for s in steps)
     actor_tokens = sum(s.response_tokens + s.prompt_tokens for s in steps)
     sequences = sum(s.sequences for s in steps)
@@ -127,7 +140,7 @@ def summarize(run: RunBreakdown, shape: ModelShape, cfg: Config) -> RunBreakdown
         "logprobs": forward_flops_per_token(shape, seq_len),
     }
     rollout_s = sum(s.seconds["rollout"] for s in steps)
-    genrm_s = sum(s.seconds["genrm"] for s in steps)
+    genrm_s = sum(s.genrm_busy_seconds for s in steps)
     genrm_out = sum(s.genrm_output_tokens for s in steps)
     run.throughput = {
         "response_tokens_per_s": response / wall,
@@ -244,15 +257,15 @@ def _prompt_tokens(records: list[dict], cfg: Config, mean: float | None, replay:
 
 def format_table(run: RunBreakdown) -> str:
     """The table `fapo-megatron bench breakdown` prints: seconds per phase per step, then the run's summary."""
-    head = f"{'step':>6} " + " ".join(f"{c:>11}" for c in COLUMNS) + f" {'wall s':>9} {'genrm %':>8}"
+    head = f"{'step':>6} " + " ".join(f"{c:>13}" for c in COLUMNS) + f" {'wall s':>9} {'genrm_busy':>11}"
     rows = [head]
     for s in run.steps:
-        cells = " ".join(f"{s.seconds[c]:>11.3f}" for c in COLUMNS)
-        rows.append(f"{s.step:>6} {cells} {s.wall_seconds:>9.3f} {100 * s.seconds['genrm'] / s.wall_seconds:>7.1f}%")
-    cells = " ".join(f"{run.mean_seconds[c]:>11.3f}" for c in COLUMNS)
-    rows.append(f"{'mean':>6} {cells} {run.mean_wall_seconds:>9.3f} {100 * run.shares['genrm']:>7.1f}%")
-    cells = " ".join(f"{100 * run.shares[c]:>10.1f}%" for c in COLUMNS)
-    rows.append(f"{'share':>6} {cells}")
+        cells = " ".join(f"{s.seconds[c]:>13.3f}" for c in COLUMNS)
+        rows.append(f"{s.step:>6} {cells} {s.wall_seconds:>9.3f} {s.genrm_busy_seconds:>11.3f}")
+    cells = " ".join(f"{run.mean_seconds[c]:>13.3f}" for c in COLUMNS)
+    rows.append(f"{'mean':>6} {cells} {run.mean_wall_seconds:>9.3f} {run.mean_seconds['genrm_busy']:>11.3f}")
+    cells = " ".join(f"{100 * run.shares[c]:>12.1f}%" for c in COLUMNS)
+    rows.append(f"{'share':>6} {cells} {'':>9} {100 * run.shares['genrm_busy']:>10.1f}%")
     t = run.throughput
     rows.append(
         f"model {run.model}, {run.device}, world size {run.world_size}; steps {run.steps[0].step}-"
@@ -260,8 +273,8 @@ def format_table(run: RunBreakdown) -> str:
     )
     rows.append(
         f"response tokens/s {t['response_tokens_per_s']:.1f} ({t['response_tokens_per_s_per_device']:.1f} per "
-        f"device); rollout {t['rollout_tokens_per_s_per_device']:.1f} tokens/s per device; GenRM share "
-        f"{100 * run.shares['genrm']:.1f} %"
+        f"device); rollout {t['rollout_tokens_per_s_per_device']:.1f} tokens/s per device; GenRM visible "
+        f"{100 * run.shares['genrm_visible']:.1f} % of wall time, busy {100 * run.shares['genrm_busy']:.1f} %"
     )
     f = run.flops_per_token
     rows.append(

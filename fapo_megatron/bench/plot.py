@@ -6,7 +6,7 @@ from pathlib import Path
 
 COLORS = {
     "rollout": "#4C72B0",
-    "genrm": "#DD8452",
+    "genrm_visible": "#DD8452",
     "logprobs": "#8172B3",
     "update": "#55A868",
     "weight_sync": "#C44E52",

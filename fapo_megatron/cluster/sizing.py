@@ -14,7 +14,8 @@ Actor training, first pipeline stage (the one with the most activations in fligh
     replicated over t unless sequence parallel: 4h (two norm inputs, qkv input, fc1 input)
     split over t: q + k + v + attention output (2 h_q + 2 kv_dim) and SwiGLU 4 ffn (gate, up, silu, fc2 input)
     1F1B keeps p micro-batches of L/p layers in flight on stage 0, i.e. L layers' worth;
-    full recompute keeps only each layer's input (h, /t with sequence parallel) plus one layer's working set
+    full recompute (megatron's uniform method, chunks of recompute_num_layers = k layers) keeps each chunk's
+    input (h, /t with sequence parallel) plus one chunk's working set
   logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
 Weight sync: the actor's bf16 parameters and the engine's weights are both resident, plus two buckets.
 Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fapo_megatron.config import Config, ConfigError
+from fapo_megatron.models.registry import recompute_settings
 
 GB = 1e9
 BF16 = 2
@@ -209,10 +211,13 @@ def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
     replicated = 4 * shape.hidden / sp_div
     split = (2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.ffn) / t
     layer_bytes = BF16 * (replicated + split) * tokens
-    if par.recompute == "full":
-        kept = BF16 * shape.hidden / sp_div * tokens * shape.layers
-        note = f"full recompute: {shape.layers} layer inputs + 1 layer, T={tokens}"
-        phase.add("activations", kept + layer_bytes, note)
+    # The recompute fields the actor hands megatron-core (models.registry), not the YAML's wish.
+    settings = recompute_settings(par.recompute, par.recompute_num_layers, math.ceil(shape.layers / p))
+    if settings["recompute_granularity"] == "full":
+        chunk = settings["recompute_num_layers"]
+        kept = BF16 * shape.hidden / sp_div * tokens * math.ceil(shape.layers / chunk)
+        note = f"full recompute: {math.ceil(shape.layers / chunk)} chunk inputs + {chunk} layer(s), T={tokens}"
+        phase.add("activations", kept + layer_bytes * chunk, note)
     else:
         note = f"{par.recompute} recompute: {shape.layers} layers, T={tokens}"
         phase.add("activations", layer_bytes * shape.layers, note)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import gc
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from fapo_megatron.engines.base import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
 
 
 class EmbeddedEngine(Engine):
@@ -94,6 +94,14 @@ class EmbeddedEngine(Engine):
 
     # ----------------------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        finished = [item for chunk in self.generate_stream(prompts, params) for item in chunk]
+        return [generation for _, generation in sorted(finished, key=lambda item: item[0])]
+
+    def generate_stream(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """Each row the moment it stops (EOS or a stop string), the rest when the batch's budget runs out; the
+        sampling is the same as `generate`'s (one generator, rows in the same batches)."""
         self._check_serving()
         _check_params(params)
         prompt_ids = self._tokenize(prompts)
@@ -103,10 +111,9 @@ class EmbeddedEngine(Engine):
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        results: list[Generation] = []
         for start in range(0, len(rows), self.max_batch_rows):
-            results.extend(self._generate_batch(rows[start : start + self.max_batch_rows], params, generator))
-        return results
+            for b, generation in self._generate_batch(rows[start : start + self.max_batch_rows], params, generator):
+                yield [(start + b, generation)]
 
     def _tokenize(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -144,8 +151,10 @@ class EmbeddedEngine(Engine):
         pad = getattr(self._tokenizer, "pad_token_id", None) if self._tokenizer is not None else None
         return 0 if pad is None else int(pad)
 
-    @torch.inference_mode()
-    def _generate_batch(self, rows, params: SamplingParams, generator: torch.Generator) -> list[Generation]:
+    def _generate_batch(
+        self, rows, params: SamplingParams, generator: torch.Generator
+    ) -> Iterator[tuple[int, Generation]]:
+        """(row, generation) of the batch's rows as they finish (the model runs in inference mode between yields)."""
         from transformers import DynamicCache
 
         num_rows = len(rows)
@@ -170,11 +179,28 @@ class EmbeddedEngine(Engine):
         finish: list[str | None] = [None] * num_rows
         cache_kwargs = self._cache_kwargs(DynamicCache())
         step_ids_BT, step_pos_BT = input_ids_BT, positions_BT
-        for _ in range(budget):
-            out = self._model(
-                input_ids=step_ids_BT, attention_mask=mask_BT, position_ids=step_pos_BT, use_cache=True, **cache_kwargs
+
+        def finished(b: int) -> tuple[int, Generation]:
+            index, ids = rows[b]
+            return b, Generation(
+                prompt_index=index,
+                token_ids=tokens[b],
+                text=self._decode(tokens[b]),
+                logprobs=logprobs[b],
+                finish_reason=finish[b] or "length",
+                prompt_token_ids=list(ids),
             )
-            next_B, logp_B = _sample(out.logits[:, -1, :].float(), params, generator)
+
+        for _ in range(budget):
+            with torch.inference_mode():
+                out = self._model(
+                    input_ids=step_ids_BT,
+                    attention_mask=mask_BT,
+                    position_ids=step_pos_BT,
+                    use_cache=True,
+                    **cache_kwargs,
+                )
+                next_B, logp_B = _sample(out.logits[:, -1, :].float(), params, generator)
             next_list, logp_list = next_B.tolist(), logp_B.tolist()
             for b in range(num_rows):
                 if finish[b] is not None:
@@ -184,23 +210,16 @@ class EmbeddedEngine(Engine):
                 logprobs[b].append(logp_list[b])
                 if next_list[b] in eos_ids or self._hit_stop(tokens[b], params.stop):
                     finish[b] = "stop"
+                    yield finished(b)
             if all(f is not None for f in finish):
-                break
+                return
             step_ids_BT = torch.tensor(next_list, device=self.device).unsqueeze(1)
             step_pos_BT = step_pos_BT[:, -1:] + 1
             alive_B1 = torch.tensor([f is None for f in finish], device=self.device, dtype=torch.long).unsqueeze(1)
             mask_BT = torch.cat([mask_BT, alive_B1], dim=1)
-        return [
-            Generation(
-                prompt_index=index,
-                token_ids=tokens[b],
-                text=self._decode(tokens[b]),
-                logprobs=logprobs[b],
-                finish_reason=finish[b] or "length",
-                prompt_token_ids=list(ids),
-            )
-            for b, (index, ids) in enumerate(rows)
-        ]
+        for b in range(num_rows):
+            if finish[b] is None:
+                yield finished(b)
 
     def _cache_kwargs(self, cache) -> dict:
         """KV-cache keyword (`cache` in transformers 5.x, `past_key_values` before); logits of the last token only."""

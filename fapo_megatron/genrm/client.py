@@ -2,7 +2,8 @@
 
 Every request gets exactly one verdict, in order. What could not be had is reported as such (timeout, error,
 unavailable, unparseable) and counted; it is never turned into a "clean" verdict. Retries use exponential
-backoff and stop at the deadline; `judge` returns by the deadline (plus a small grace) even if the server hangs.
+backoff and stop at the deadline; every HTTP call is bounded as a whole (`http_deadline`), so `judge` returns by the
+deadline, with no thread left behind, even if the server hangs or trickles bytes.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class GenRMClient:
             for future in done:
                 results[futures[future]] = future.result()
         stop.set()
-        executor.shutdown(wait=False, cancel_futures=True)
+        # HTTP calls end by their whole-request deadline (<= the batch deadline), so waiting for them is bounded and
+        # no thread outlives `judge`; an in-process engine cannot be interrupted, its call finishes on its own.
+        executor.shutdown(wait=self.transport.parallel_calls, cancel_futures=True)
         verdicts = []
         for number, batch in enumerate(batches):
             verdicts.extend(results.get(number) or [self._deadline_verdict(item) for item in batch])

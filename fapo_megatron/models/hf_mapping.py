@@ -80,10 +80,10 @@ class MappingSpec:
     padded_vocab_size: int
     """Megatron rows of word_embeddings / output_layer; >= vocab_size, extra rows are zero."""
     tie_word_embeddings: bool
-    te_names: bool = False
-    """True for the Transformer-Engine layer spec, whose pre-attention / pre-MLP norms are fused into
-    linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight; False for the local spec's separate
-    input_layernorm / pre_mlp_layernorm."""
+    layer_renames: tuple[tuple[str, str], ...] = ()
+    """(local prefix, built prefix) renames of decoder-layer parameter names for the layer spec actually built:
+    empty for the local spec; for Transformer Engine's, megatron-core's own local-to-TE key map
+    (`models.registry.parameter_renames`), whose norms are fused into linear_qkv / linear_fc1."""
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -96,7 +96,12 @@ class MappingSpec:
 
     @classmethod
     def from_hf_config(
-        cls, hf_config: Any, *, tp: int = 1, make_vocab_size_divisible_by: int = 128, te_names: bool = False
+        cls,
+        hf_config: Any,
+        *,
+        tp: int = 1,
+        make_vocab_size_divisible_by: int = 128,
+        layer_renames: tuple[tuple[str, str], ...] = (),
     ) -> MappingSpec:
         """Read an HF config (PretrainedConfig or config.json dict); vocab padding is for tensor parallel `tp`."""
         cfg = _config_dict(hf_config)
@@ -119,11 +124,13 @@ class MappingSpec:
             vocab_size=cfg["vocab_size"],
             padded_vocab_size=padded_vocab_size(cfg["vocab_size"], make_vocab_size_divisible_by, tp),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            te_names=te_names,
+            layer_renames=layer_renames,
         )
 
     @classmethod
-    def from_model_spec(cls, model_spec: Any, *, padded_vocab_size: int, te_names: bool = False) -> MappingSpec:
+    def from_model_spec(
+        cls, model_spec: Any, *, padded_vocab_size: int, layer_renames: tuple[tuple[str, str], ...] = ()
+    ) -> MappingSpec:
         """From the actor's `models.registry.ModelSpec` (the parsed HF config), with the checkpoint's vocab rows."""
         return cls(
             family=Family(name=model_spec.family, qkv_bias=model_spec.qkv_bias, qk_norm=model_spec.qk_layernorm),
@@ -136,7 +143,7 @@ class MappingSpec:
             vocab_size=model_spec.vocab_size,
             padded_vocab_size=padded_vocab_size,
             tie_word_embeddings=model_spec.tie_embeddings,
-            te_names=te_names,
+            layer_renames=layer_renames,
         )
 
     def check_tp(self, tp: int) -> None:
@@ -164,14 +171,12 @@ class TensorMapping:
 
 def _layer_mappings(spec: MappingSpec, i: int) -> list[TensorMapping]:
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    attn_norm = "self_attention.linear_qkv.layer_norm_weight" if spec.te_names else "input_layernorm.weight"
-    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if spec.te_names else "pre_mlp_layernorm.weight"
     qkv = tuple(f"{h}self_attn.{p}_proj" for p in "qkv")
     rows = [
-        (attn_norm, (f"{h}input_layernorm.weight",), "copy"),
+        ("input_layernorm.weight", (f"{h}input_layernorm.weight",), "copy"),
         ("self_attention.linear_qkv.weight", tuple(f"{n}.weight" for n in qkv), "qkv"),
         ("self_attention.linear_proj.weight", (f"{h}self_attn.o_proj.weight",), "copy"),
-        (mlp_norm, (f"{h}post_attention_layernorm.weight",), "copy"),
+        ("pre_mlp_layernorm.weight", (f"{h}post_attention_layernorm.weight",), "copy"),
         ("mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"), "gate_up"),
         ("mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "copy"),
     ]
@@ -180,7 +185,14 @@ def _layer_mappings(spec: MappingSpec, i: int) -> list[TensorMapping]:
     if spec.family.qk_norm:
         rows.append(("self_attention.q_layernorm.weight", (f"{h}self_attn.q_norm.weight",), "copy"))
         rows.append(("self_attention.k_layernorm.weight", (f"{h}self_attn.k_norm.weight",), "copy"))
-    return [TensorMapping(m + name, hf, kind, i) for name, hf, kind in rows]
+    return [TensorMapping(m + _rename(name, spec.layer_renames), hf, kind, i) for name, hf, kind in rows]
+
+
+def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for local, built in renames:
+        if name.startswith(local):
+            return built + name[len(local) :]
+    return name
 
 
 def build_mappings(spec: MappingSpec, layers: range | None = None) -> list[TensorMapping]:

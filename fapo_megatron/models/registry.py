@@ -206,7 +206,8 @@ def transformer_config(
     sequence_parallel: bool = False,
     initialize_weights: bool = True,
     use_cpu_initialization: bool = False,
-    recompute: bool = False,
+    recompute: Literal["none", "selective", "full"] = "none",
+    recompute_num_layers: int = 1,
     **overrides,
 ):
     """megatron-core `TransformerConfig` for `spec` under the given parallel layout."""
@@ -252,12 +253,57 @@ def transformer_config(
         perform_initialization=initialize_weights,
         use_cpu_initialization=use_cpu_initialization,
         deallocate_pipeline_outputs=True,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        **recompute_settings(recompute, recompute_num_layers, spec.num_layers // pp),
     )
     kwargs.update(overrides)
+    if "recompute_modules" not in TransformerConfig.__dataclass_fields__:  # megatron-core before 0.13
+        kwargs.pop("recompute_modules", None)
     return TransformerConfig(**kwargs)
+
+
+def recompute_settings(
+    recompute: Literal["none", "selective", "full"], num_layers: int, layers_per_stage: int
+) -> dict[str, Any]:
+    """megatron-core's recompute fields for `parallel.recompute`: full = uniform chunks of `num_layers` layers
+    (each chunk keeps only its input), selective = core attention recomputed, none = everything kept."""
+    if recompute == "none":
+        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    if recompute == "selective":
+        return dict(
+            recompute_granularity="selective",
+            recompute_method=None,
+            recompute_num_layers=None,
+            recompute_modules=["core_attn"],
+        )
+    if recompute != "full":
+        raise ValueError(f"parallel.recompute={recompute!r}: choose none, selective or full")
+    if not 1 <= num_layers <= layers_per_stage:
+        raise ValueError(
+            f"parallel.recompute_num_layers={num_layers} must be between 1 and the {layers_per_stage} layers "
+            f"of a pipeline stage"
+        )
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=num_layers)
+
+
+def resolve_backend(backend: Literal["auto", "local", "te"] = "auto") -> Literal["local", "te"]:
+    """The layer spec `layer_spec(backend)` builds: auto is Transformer Engine's when it imports."""
+    if backend == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if backend not in ("local", "te"):
+        raise ValueError(f"layer spec backend {backend!r}: choose auto, local or te")
+    return backend
+
+
+def parameter_renames(spec: ModelSpec, backend: Literal["auto", "local", "te"]) -> tuple[tuple[str, str], ...]:
+    """Decoder-layer parameter renames from the local spec's names to `backend`'s: none for the local spec; for TE,
+    megatron-core's own local-to-TE key map (the local spec's `sharded_state_dict_keys_map`, which is how local
+    checkpoints load into TE models: input_layernorm. -> self_attention.linear_qkv.layer_norm_, ...)."""
+    if resolve_backend(backend) == "local":
+        return ()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    local = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")
+    return tuple(local.submodules.sharded_state_dict_keys_map.items())
 
 
 def layer_spec(spec: ModelSpec, backend: Literal["auto", "local", "te"] = "auto"):
@@ -268,14 +314,11 @@ def layer_spec(spec: ModelSpec, backend: Literal["auto", "local", "te"] = "auto"
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if backend == "auto":
-        backend = "te" if transformer_engine_available() else "local"
+    backend = resolve_backend(backend)
     if backend == "te":
         if not transformer_engine_available():
             raise UnsupportedModelError("layer spec backend 'te' asked for, but transformer_engine is not installed")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
-    if backend != "local":
-        raise ValueError(f"layer spec backend {backend!r}: choose auto, local or te")
     from fapo_megatron.models.attention import SDPACoreAttention
 
     layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm")

@@ -97,17 +97,26 @@ def test_step_breakdown_columns_by_hand():
     first = step_breakdown(RECORDS[0], cfg)
     assert first.seconds == {
         "rollout": 2.0,
-        "genrm": 1.0,
+        "genrm_visible": 1.0,  # a record without time/genrm_visible judged synchronously
         "logprobs": 1.0,
         "update": 3.0,
         "weight_sync": 0.5,
         "val_ckpt": 0.0,
         "idle": 0.5,
     }
+    assert first.genrm_busy_seconds == 1.0
     assert first.wall_seconds == 8.0 and first.response_tokens == 80.0 and first.sequences == 8
     second = step_breakdown(RECORDS[1], cfg, lambda step, seqs: 10.0 * seqs)
     assert second.seconds["val_ckpt"] == 2.0 and second.seconds["idle"] == 1.0 and second.wall_seconds == 11.0
     assert second.response_tokens == 180.0 and second.sequences == 7 and second.prompt_tokens == 70.0
+
+
+def test_streamed_verdicts_sum_visible_time_and_show_busy_time_beside():
+    """Busy 3 s of which 0.5 s visible: the columns sum the visible wait (2 + 0.5 + 1 + 3 + 0.5 = 7 of 8 s)."""
+    record = dict(RECORDS[0], **{"time/genrm": 3.0, "time/genrm_visible": 0.5})
+    step = step_breakdown(record, load_config(None, OVERRIDES))
+    assert step.seconds["genrm_visible"] == 0.5 and step.genrm_busy_seconds == 3.0
+    assert step.wall_seconds == 8.0 and step.seconds["idle"] == 1.0
 
 
 def test_timed_phases_over_step_seconds_give_no_negative_idle():
@@ -129,9 +138,18 @@ def test_run_breakdown_shares_tokens_and_mfu(tmp_path):
     assert run.world_size == 2 and run.prompt_tokens_source.startswith("given")
     # totals over both steps: wall 8 + 11 = 19; rollout 6, genrm 1.5, logprobs 2, update 5, sync 1, val_ckpt 2,
     # idle 1.5
-    expected = {"rollout": 6, "genrm": 1.5, "logprobs": 2, "update": 5, "weight_sync": 1, "val_ckpt": 2, "idle": 1.5}
-    assert run.shares == pytest.approx({k: v / 19 for k, v in expected.items()})
-    assert sum(run.shares.values()) == pytest.approx(1.0)
+    expected = {
+        "rollout": 6,
+        "genrm_visible": 1.5,
+        "logprobs": 2,
+        "update": 5,
+        "weight_sync": 1,
+        "val_ckpt": 2,
+        "idle": 1.5,
+    }
+    assert {c: run.shares[c] for c in COLUMNS} == pytest.approx({k: v / 19 for k, v in expected.items()})
+    assert sum(run.shares[c] for c in COLUMNS) == pytest.approx(1.0)
+    assert run.shares["genrm_busy"] == pytest.approx(1.5 / 19)
     assert run.mean_seconds["rollout"] == 3.0 and run.mean_wall_seconds == 9.5
     # response tokens 80 + 180 = 260 over 19 s on 2 devices
     assert run.throughput["response_tokens_per_s"] == pytest.approx(260 / 19)
@@ -172,9 +190,8 @@ def test_cpu_run_reports_no_mfu_and_skip_first(tmp_path):
 def test_replayed_prompt_tokens_count_each_prompt_n_times(tmp_path):
     """One batch per epoch (batch = all items): every step sees every prompt once, in a new order."""
     from fapo_megatron.bench.replay import replay_prompt_tokens
-    from fapo_megatron.data.from_config import load_train_val
-    from fapo_megatron.data.templates import encode_prompt
-    from fapo_megatron.roles.policy import load_tokenizer
+    from fapo_megatron.data.templates import encode_prompt, load_tokenizer
+    from fapo_megatron.run_setup import load_train_val
 
     cfg = load_config(None, [*OVERRIDES, "data.arith_num_train=4"])
     train, _ = load_train_val(cfg.data)
@@ -191,7 +208,7 @@ def test_breakdown_command_writes_json_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "share" in printed and "actor MFU vs 1e-09 TFLOP/s" in printed
     saved = json.loads((tmp_path / "bench" / "breakdown.json").read_text())
-    assert saved["shares"]["rollout"] == pytest.approx(6 / 19) and set(saved["shares"]) == set(COLUMNS)
+    assert saved["shares"]["rollout"] == pytest.approx(6 / 19) and set(saved["shares"]) == {*COLUMNS, "genrm_busy"}
     assert saved["prompt_tokens_source"] == "replayed prompt sampler"
     png = (tmp_path / "bench" / "breakdown.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -75,11 +75,41 @@ def test_hf_megatron_hf_round_trip_is_bitwise(family, tied):
         assert back[name].dtype == hf_sd[name].dtype and torch.equal(back[name], hf_sd[name]), name
 
 
-def test_te_names_fuse_norms_into_linears():
-    names = {m.megatron_name for m in hm.build_mappings(_spec(te_names=True))}
-    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
-    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
-    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+def _layouts_worker(rank, world_size, family):
+    """Every parameter of a real local-spec GPTModel, and of its TE layout (named by megatron-core's own
+    local-to-TE key map), maps to HF and back bit for bit."""
+    from fapo_megatron.models import registry
+
+    hf_config = tiny_hf_config(family, False)
+    local_spec = _spec(family)
+    local_names = {n for n, _ in build_megatron_gpt(hf_config, local_spec).named_parameters()}
+    te_renames = dict(registry.parameter_renames(registry.model_spec(hf_config.to_dict()), "te"))
+    assert te_renames == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
+
+    def to_te(name):  # how megatron-core's sharded_state_dict renames a local layer key for the TE model
+        prefix, _, rest = name.partition(".layers.")
+        index, _, tail = rest.partition(".")
+        for local, te in te_renames.items():
+            if rest and tail.startswith(local):
+                return f"{prefix}.layers.{index}.{te}{tail[len(local) :]}"
+        return name
+
+    te_spec = _spec(family, layer_renames=tuple(te_renames.items()))
+    hf_sd = {k: v.clone() for k, v in tiny_hf_model(family, False).state_dict().items()}
+    for spec, names in ((local_spec, local_names), (te_spec, {to_te(n) for n in local_names})):
+        megatron = dict(hm.hf_to_megatron(hf_sd, spec))
+        assert set(megatron) == names
+        back = dict(hm.megatron_to_hf(megatron, spec))
+        assert set(back) == set(hf_sd) and all(torch.equal(back[n], hf_sd[n]) for n in hf_sd)
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in {m.megatron_name for m in hm.build_mappings(te_spec)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_every_parameter_maps_to_hf_and_back_in_local_and_te_layouts(family):
+    spawn(_layouts_worker, 1, family)
 
 
 def test_clear_errors():

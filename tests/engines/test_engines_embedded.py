@@ -4,7 +4,7 @@ import pytest
 import torch
 from engine_fixtures import char_tokenizer, teacher_forced_logprobs, tiny_qwen2
 
-from fapo_megatron.engines.base import EngineError, SamplingParams
+from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine, _truncate
 from fapo_megatron.engines.weight_sync import bucket_named_tensors
 
@@ -83,6 +83,25 @@ def test_seed_reproducible_and_batch_rows_split(tok):
         ref = teacher_forced_logprobs(model, g.prompt_token_ids, g.token_ids, 1.0)
         assert max(abs(x - y) for x, y in zip(ref, g.logprobs)) <= 1e-5
     assert [g.prompt_index for g in split.generate(PROMPTS, params)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_stream_reports_each_row_once_as_it_finishes_with_generate_samples(tok):
+    """Rows leave the stream the step they stop (shorter first within a batch), each once, with the very samples
+    `generate` gives at the same seed; the batch's unfinished rows come last."""
+    engine = EmbeddedEngine(model=tiny_qwen2(seed=0), tokenizer=tok, max_batch_rows=5)
+    engine.start()
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, n=3, seed=5, stop=["e", "o"])
+    reference = engine.generate(PROMPTS, params)
+    chunks = list(engine.generate_stream(PROMPTS, params))
+    streamed = [item for chunk in chunks for item in chunk]
+    assert sorted(position for position, _ in streamed) == list(range(len(reference)))
+    for position, generation in streamed:
+        assert generation == reference[position]
+    for start in range(0, len(reference), 5):  # per batch of max_batch_rows: in order of finishing
+        batch = [g for position, g in streamed if start <= position < start + 5]
+        assert [len(g.token_ids) for g in batch] == sorted(len(g.token_ids) for g in batch)
+    reasons = {g.finish_reason for g in reference}
+    assert reasons == {"stop", "length"} and len(chunks) == len(reference)
 
 
 def test_stop_string_ends_generation_at_first_match(engine):

@@ -137,3 +137,40 @@ def test_train_batch_rejects_bad_input():
         )
     with pytest.raises(ValueError, match="split evenly"):
         batch.shard(0, 3)
+
+
+@pytest.mark.parametrize(
+    ("recompute", "num_layers", "expected"),
+    [
+        ("none", 1, (None, None, None)),
+        ("selective", 1, ("selective", None, None)),
+        ("full", 1, ("full", "uniform", 1)),
+        ("full", 2, ("full", "uniform", 2)),
+    ],
+)
+def test_parallel_recompute_reaches_the_actors_transformer_config_under_tp_and_pp(recompute, num_layers, expected):
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.actor import actor_transformer_config
+
+    cfg = load_config(
+        None,
+        [
+            "cluster.devices_per_node=4",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            f"parallel.recompute={recompute}",
+            f"parallel.recompute_num_layers={num_layers}",
+        ],
+    )
+    built = actor_transformer_config(cfg, model_spec(tiny_hf_config("qwen2", num_hidden_layers=4)))
+    assert (built.recompute_granularity, built.recompute_method, built.recompute_num_layers) == expected
+    assert (built.tensor_model_parallel_size, built.pipeline_model_parallel_size) == (2, 2)
+    if recompute == "selective":
+        assert built.recompute_modules == ["core_attn"]
+
+
+def test_recompute_chunk_longer_than_a_pipeline_stage_names_the_key():
+    with pytest.raises(ValueError, match="parallel.recompute_num_layers=3 .* 2 layers"):
+        registry.transformer_config(
+            model_spec(tiny_hf_config("llama", num_hidden_layers=4)), pp=2, recompute="full", recompute_num_layers=3
+        )

@@ -4,12 +4,15 @@ An engine generates from prompts (text or token ids) and returns, per sample, th
 the per-token log-probs under the engine's sampling distribution and why it stopped. Colocated runs
 time-share devices, so every engine can release its memory and take it back, and take new weights
 by name (HF names, full tensors) in bounded buckets.
+
+It imports nothing from fapo_megatron, so engines/ (the backends), genrm/ (which asks an engine) and the
+trainer all build on it without depending on each other.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +71,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """Sample `params.n` completions per prompt; prompts are text or token ids."""
+
+    def generate_stream(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """`generate`, reporting finished samples as they complete: chunks of (position, generation), where position
+        is the sample's index in the prompt-major list `generate` returns. Every sample is reported exactly once.
+
+        This default reports everything at the end; a backend that knows when each request finishes (SGLang per
+        request, the embedded engine per finished row) overrides it so that consumers (the GenRM) start early.
+        """
+        yield list(enumerate(self.generate(prompts, params)))
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
