@@ -94,7 +94,9 @@ class SGLangClient:
         self._call("POST", "continue_generation", {})
 
     def get_weight_version(self) -> str | None:
-        return self._call("GET", "get_weight_version", retry=True).json()["weight_version"]
+        """The served weight version, from GET /get_model_info: every 0.5.x carries `weight_version` there, while
+        /get_weight_version answers 404 from 0.5.6 (deprecated) and is gone from 0.5.21 (http_server.py)."""
+        return self._call("GET", "get_model_info", retry=True).json()["weight_version"]
 
     def get_server_info(self) -> dict[str, Any]:
         return self._call("GET", "get_server_info", retry=True).json()

@@ -8,7 +8,7 @@ Mirrors SGLang 0.5.3-0.5.x (`python/sglang/srt/entrypoints/http_server.py`, `man
 "flattened_bucket"), /init_weights_update_group + /update_weights_from_distributed (side process group,
 one broadcast per name in order), /release_memory_occupation and /resume_memory_occupation with tags,
 /pause_generation, /continue_generation, /flush_cache (400 while requests run), /health_generate,
-/get_weight_version, /get_server_info.
+/get_model_info (weight_version; /get_weight_version is 404 or gone from 0.5.6), /get_server_info.
 Differences from SGLang: it runs an HF model on CPU through our EmbeddedEngine (one request row at a
 time), decodes CPU by-value pickles (real SGLang on GPU gets CUDA IPC handles), joins the side group with
 gloo (NCCL on GPU), refuses stop strings without a tokenizer, and adds GET /standin/calls, a log of every
@@ -273,7 +273,11 @@ def make_handler(state: StandIn):
         "/continue_generation": state.resume_generation,
         "/flush_cache": state.flush_cache,
         "/get_server_info": state.server_info,
-        "/get_weight_version": lambda _b: (200, {"weight_version": state.weight_version}),
+        # /get_weight_version is left out: 404 from 0.5.6, removed in 0.5.21 (entrypoints/http_server.py).
+        "/get_model_info": lambda _b: (
+            200,
+            {"model_path": state.args.model_path, "weight_version": state.weight_version},
+        ),
         "/health_generate": lambda _b: (200 if not state.released else 503, ""),
         "/health": lambda _b: (200, ""),
         "/standin/calls": lambda _b: (200, state.calls),
