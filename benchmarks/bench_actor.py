@@ -3,6 +3,8 @@
     python benchmarks/bench_actor.py                  # CPU: tiny Qwen2, tokens/s at TP1 (1 rank) vs TP2 (2 ranks)
     python benchmarks/bench_actor.py --device cuda    # GPU: Qwen2.5-1.5B shape, bf16, seq 4096, local spec + SDPA,
                                                       # tokens/s and MFU next to an HF transformers training step
+    python benchmarks/bench_actor.py --long-tail      # CPU: lognormal response lengths, padded micro-batches vs
+                                                      # packed ones (parallel.max_tokens_per_micro_batch)
 Both modes print a markdown table. Timed steps include forward, backward and the optimizer step; the GPU model
 has random weights (no checkpoint needed), and the HF baseline runs the same loss with torch AdamW.
 """
@@ -58,6 +60,26 @@ def make_batch(rows: int, seq: int, vocab: int, seed: int = 0):
     )
 
 
+def make_long_tail_batch(rows: int, prompt: int, median: int, cap: int, vocab: int, seed: int = 0):
+    """Prompt of `prompt` tokens + a lognormal(log median, 1) response capped at `cap`: a long-tailed RL batch."""
+    from fapo_megatron.algo.batch import TrainBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    responses = (torch.randn(rows, generator=gen) + torch.log(torch.tensor(float(median)))).exp()
+    lengths = prompt + responses.round().long().clamp(1, cap)
+    seq = int(lengths.max())
+    columns = torch.arange(seq)[None, :]
+    mask = ((columns >= prompt) & (columns < lengths[:, None])).float()
+    return TrainBatch(
+        tokens=torch.randint(0, vocab, (rows, seq), generator=gen),
+        lengths=lengths,
+        response_mask=mask,
+        advantages=torch.randn(rows, generator=gen),
+        group_ids=torch.arange(rows),
+        old_logprobs=-torch.rand(rows, seq, generator=gen) * mask,
+    )
+
+
 def train_flops_per_token(cfg: dict, seq: int) -> float:
     """6 x matmul parameters (incl. the output projection) + causal attention scores and values, fwd + bwd."""
     h, layers, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
@@ -69,7 +91,7 @@ def train_flops_per_token(cfg: dict, seq: int) -> float:
     return 6 * matmul_params + attention
 
 
-def _actor_config(rows: int, tp: int, world: int, device: str, dtype: str):
+def _actor_config(rows: int, tp: int, world: int, device: str, dtype: str, extra: tuple[str, ...] = ()):
     from fapo_megatron.config import load_config
 
     return load_config(
@@ -84,16 +106,22 @@ def _actor_config(rows: int, tp: int, world: int, device: str, dtype: str):
             f"data.batch_size={rows}",
             "optim.warmup_steps=0",
             "optim.lr=0.00001",
+            *extra,
         ],
     )
 
 
-def measure_actor(hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device: str, dtype: str, steps: int):
+def measure_actor(
+    hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device: str, dtype: str, steps: int, batch=None, extra=()
+):
+    """Timed train_step; tokens/s counts the batch's real (unpadded) tokens, peak_rss_gb this process's peak."""
+    import resource
+
     from fapo_megatron.megatron import platform
     from fapo_megatron.megatron.actor import MegatronActor
 
-    actor = MegatronActor(_actor_config(rows, tp, world, device, dtype), hf_config=hf_cfg)
-    batch = make_batch(rows, seq, hf_cfg["vocab_size"])
+    actor = MegatronActor(_actor_config(rows, tp, world, device, dtype, extra), hf_config=hf_cfg)
+    batch = batch if batch is not None else make_batch(rows, seq, hf_cfg["vocab_size"])
     actor.train_step(batch)  # warm-up
     platform.synchronize()
     start = time.perf_counter()
@@ -102,7 +130,9 @@ def measure_actor(hf_cfg: dict, rows: int, seq: int, tp: int, world: int, device
     platform.synchronize()
     elapsed = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"tokens_per_s": rows * seq / elapsed, "step_s": elapsed, "peak_gb": peak}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    real = int(batch.lengths.sum())
+    return {"tokens_per_s": real / elapsed, "step_s": elapsed, "peak_gb": peak, "peak_rss_gb": rss}
 
 
 def measure_hf(hf_cfg: dict, rows: int, seq: int, steps: int) -> dict:
@@ -175,7 +205,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_cpu(tp: int, world: int, args) -> dict:
+def _launch_cpu(tp: int, world: int, args, extra: tuple[str, ...] = ()) -> dict:
     out = Path(tempfile.mkdtemp()) / "result.json"
     port, procs = _free_port(), []
     for rank in range(world):
@@ -204,11 +234,36 @@ def _launch_cpu(tp: int, world: int, args) -> dict:
             str(args.steps),
             "--out",
             str(out),
+            *(["--long-tail"] if args.long_tail else []),
+            *[arg for override in extra for arg in ("--override", override)],
         ]
         procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL))
     if any(p.wait() for p in procs):
         raise RuntimeError(f"benchmark ranks failed for tp={tp} (rerun a rank by hand to see its error)")
     return json.loads(out.read_text())
+
+
+def _long_tail_table(args) -> None:
+    """Padded (micro_batch_size rows padded to the longest) vs packed, one rank each, in this run."""
+    from fapo_megatron.models.registry import tiny_hf_config
+
+    batch = make_long_tail_batch(args.rows, 64, 128, 1536, tiny_hf_config("qwen2")["vocab_size"])
+    lengths = batch.lengths.float()
+    print(
+        f"CPU, tiny Qwen2 (2 layers, hidden 64), fp32, 1 rank; {args.rows} rows: prompt 64 + lognormal response "
+        f"(median 128, sigma 1, cap 1536): lengths mean {lengths.mean():.0f}, max {lengths.max():.0f}"
+    )
+    print("| micro-batches | real tokens/s | s/step | peak RSS GB |\n|---|---|---|---|")
+    variants = {
+        "padded, micro_batch_size 4": ("parallel.micro_batch_size=4",),
+        f"packed, max_tokens_per_micro_batch {args.budget}": (f"parallel.max_tokens_per_micro_batch={args.budget}",),
+    }
+    results = {}
+    for name, extra in variants.items():
+        results[name] = res = _launch_cpu(1, 1, args, extra)
+        print(f"| {name} | {res['tokens_per_s']:.0f} | {res['step_s']:.3f} | {res['peak_rss_gb']:.2f} |")
+    padded, packed = results.values()
+    print(f"packed / padded real tokens/s: {packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x")
 
 
 def main() -> None:
@@ -219,7 +274,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device bf16 dense peak (H100 SXM: 989)")
     parser.add_argument("--without-fusions", action="store_true", help="cuda: also time the actor without jit fusions")
+    parser.add_argument("--long-tail", action="store_true", help="cpu: lognormal responses, padded vs packed")
+    parser.add_argument("--budget", type=int, default=2048, help="--long-tail: max_tokens_per_micro_batch")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -229,11 +287,16 @@ def main() -> None:
     from fapo_megatron.models.registry import tiny_hf_config
 
     if args.worker:
+        hf_cfg = tiny_hf_config("qwen2", max_position_embeddings=4096)
+        batch = make_long_tail_batch(args.rows, 64, 128, 1536, hf_cfg["vocab_size"]) if args.long_tail else None
         result = measure_actor(
-            tiny_hf_config("qwen2"), args.rows, args.seq, args.tp, args.world, "cpu", "float32", args.steps
+            hf_cfg, args.rows, args.seq, args.tp, args.world, "cpu", "float32", args.steps, batch, args.override
         )
         if int(os.environ["RANK"]) == 0:
             Path(args.out).write_text(json.dumps(result))
+        return
+    if args.long_tail:
+        _long_tail_table(args)
         return
     if args.device == "cpu":
         print(f"CPU, tiny Qwen2 (2 layers, hidden 64), fp32, {args.rows} x {args.seq} tokens per train_step")

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fapo_megatron.engines.base import SamplingParams  # noqa: E402
+from fapo_megatron.engine_protocol import SamplingParams  # noqa: E402
 from fapo_megatron.engines.embedded import EmbeddedEngine  # noqa: E402
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors, flatten_bucket, unflatten_bucket  # noqa: E402
 

@@ -32,10 +32,10 @@ from fapo_megatron.data.arith import (
     make_arith_items,
 )
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
-from fapo_megatron.data.genrm_task import load_genrm_items
 from fapo_megatron.data.templates import encode_prompt
 from fapo_megatron.demo.warmup import sft_batch
 from fapo_megatron.genrm.prompt import split_steps
+from fapo_megatron.genrm.task import load_genrm_items
 from fapo_megatron.metrics import read_metrics
 
 CONFIG = Path(__file__).with_suffix(".yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU only; needs tp > 1)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch in forward/backward."""
+    """Sequences per micro-batch in forward/backward (when max_tokens_per_micro_batch is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch: rows packed back to back (first-fit-decreasing, a longer row alone) and spread
+    over DP ranks by token count; 0 keeps fixed micro_batch_size rows padded to the longest."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
     offload_actor: bool = True
@@ -62,6 +66,7 @@ class ParallelConfig:
         _check_positive("parallel.tp", self.tp)
         _check_positive("parallel.pp", self.pp)
         _check_positive("parallel.micro_batch_size", self.micro_batch_size)
+        _check_range("parallel.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=0)
 
 
 @dataclass(kw_only=True)
@@ -84,6 +89,9 @@ class OptimConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Global grad-norm clip; 0 disables it."""
+    on_non_finite: Literal["stop", "skip"] = "stop"
+    """An update whose loss or gradient holds NaN/inf: stop the run before applying it (the last checkpoint stays
+    good), or skip it (counted as actor/skipped_non_finite)."""
 
     def __post_init__(self):
         _check_range("optim.lr", self.lr, low=0.0, low_open=True)
@@ -100,13 +108,13 @@ class RolloutConfig:
     backend: Literal["embedded", "sglang"] = "embedded"
     """Generation engine for the policy: in-process HF (runs anywhere) or SGLang servers (GPU)."""
     n: int = 8
-    """Rollouts per prompt (the GRPO group size)."""
+    """Rollouts per prompt (the GRPO group size; at least 2, since one rollout's group advantage is always 0)."""
     temperature: float = 1.0
     """Sampling temperature (also scales the actor's logits when it recomputes log-probs)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     top_k: int = -1
-    """Top-k sampling; -1 disables it."""
+    """Top-k sampling: keep the k likeliest tokens (k >= 1); -1 disables it."""
     max_prompt_tokens: int = 2048
     """Prompts longer than this are left out of training (counted)."""
     max_response_tokens: int = 8192
@@ -125,7 +133,14 @@ class RolloutConfig:
     """Per-request timeout when talking to an engine server."""
 
     def __post_init__(self):
-        _check_positive("rollout.n", self.n)
+        if self.n < 2:
+            raise ConfigError(
+                f"rollout.n={self.n} must be >= 2: group advantages compare a prompt's rollouts; "
+                "a group of one learns nothing"
+            )
+        if self.top_k != -1 and self.top_k < 1:
+            raise ConfigError(f"rollout.top_k={self.top_k} is not allowed; use -1 (off) or a k >= 1")
+        _check_range("rollout.sglang_port", self.sglang_port, low=1, high=65535)
         _check_range("rollout.temperature", self.temperature, low=0.0)
         _check_range("rollout.top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_positive("rollout.max_prompt_tokens", self.max_prompt_tokens)
@@ -167,6 +182,9 @@ class GenRMConfig:
     """Retries per request, with exponential backoff."""
     unavailable_policy: Literal["treat_as_clean", "treat_as_flawed", "drop", "fail"] = "drop"
     """What a verdict that could not be had counts as; never silently clean unless asked for."""
+    max_unavailable_fraction: float = 0.5
+    """A step whose share of unavailable verdicts (of those asked) exceeds this fails with an error instead of
+    training on what is left; 1.0 never fails."""
     tp: int = 1
     """Tensor-parallel size of the GenRM engine."""
     mem_fraction: float = 0.4
@@ -180,6 +198,8 @@ class GenRMConfig:
         _check_range("genrm.request_timeout_s", self.request_timeout_s, low=0.0, low_open=True)
         _check_range("genrm.deadline_s", self.deadline_s, low=0.0, low_open=True)
         _check_range("genrm.retries", self.retries, low=0)
+        _check_range("genrm.temperature", self.temperature, low=0.0)
+        _check_range("genrm.max_unavailable_fraction", self.max_unavailable_fraction, low=0.0, high=1.0)
         _check_positive("genrm.tp", self.tp)
         if self.backend == "external" and not self.url:
             raise ConfigError("genrm.backend=external needs genrm.url (an OpenAI-compatible or SGLang-router URL)")
@@ -271,6 +291,8 @@ class DataConfig:
     """Largest running value of a synthetic chain."""
     arith_max_operand: int = 20
     """Largest number added or subtracted in a synthetic chain."""
+    arith_identity_steps: int = 0
+    """Trivial steps (x 1, + 0) inserted into each synthetic chain, where a flawed shortcut costs no accuracy."""
 
     def __post_init__(self):
         _check_positive("data.batch_size", self.batch_size)
@@ -280,6 +302,7 @@ class DataConfig:
         _check_range("data.arith_max_steps", self.arith_max_steps, low=self.arith_min_steps)
         _check_range("data.arith_max_value", self.arith_max_value, low=4)
         _check_positive("data.arith_max_operand", self.arith_max_operand)
+        _check_range("data.arith_identity_steps", self.arith_identity_steps, low=0)
 
 
 @dataclass(kw_only=True)
@@ -295,7 +318,11 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted first)."""
     resume: str = "auto"
-    """auto: continue from output_dir's latest checkpoint if there is one; none; or a checkpoint path."""
+    """auto: continue from output_dir's newest complete checkpoint if there is one; none: start fresh; or the path
+    of a checkpoint (folder or root). A fresh start into an output_dir with an earlier run's metrics or checkpoints
+    is refused unless `overwrite` is set."""
+    overwrite: bool = False
+    """Let a fresh start delete an earlier run's metrics.jsonl, TensorBoard logs and checkpoints in output_dir."""
     val_interval: int = 0
     """Validate every this many steps and after the last one (0: never)."""
     val_n: int = 4
@@ -306,13 +333,25 @@ class TrainerConfig:
     """Validation nucleus mass."""
     progress: bool = True
     """Show a progress bar."""
+    answer_check_workers: int = 2
+    """Processes that run math-verify on the answers the normaliser cannot settle (each killable on a timeout);
+    they run in the trainer process's host while the devices wait, so two keep a 2-core machine responsive."""
 
     def __post_init__(self):
         _check_positive("trainer.steps", self.steps)
+        _check_positive("trainer.answer_check_workers", self.answer_check_workers)
         _check_range("trainer.checkpoint_interval", self.checkpoint_interval, low=0)
         _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _check_range("trainer.val_interval", self.val_interval, low=0)
         _check_positive("trainer.val_n", self.val_n)
+        _check_range("trainer.val_temperature", self.val_temperature, low=0.0)
+        _check_range("trainer.val_top_p", self.val_top_p, low=0.0, high=1.0, low_open=True)
+        if not self.output_dir.strip():
+            raise ConfigError("trainer.output_dir is empty: name the folder for checkpoints and metrics")
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            close = difflib.get_close_matches(self.resume, ["auto", "none"], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"trainer.resume={self.resume!r}: not auto, none or an existing checkpoint path{hint}")
 
 
 @dataclass(kw_only=True)
@@ -338,6 +377,7 @@ class ClusterConfig:
         _check_positive("cluster.num_nodes", self.num_nodes)
         _check_positive("cluster.devices_per_node", self.devices_per_node)
         _check_range("cluster.genrm_devices", self.genrm_devices, low=0)
+        _check_range("cluster.master_port", self.master_port, low=0, high=65535)
 
 
 @dataclass(kw_only=True)
@@ -496,18 +536,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML file (or the defaults) and apply `key.sub=value` overrides, then validate everything."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = _read_yaml(Path(path))
+    seen: dict[str, str] = {}
     for item in overrides:
+        dotted = item.split("=", 1)[0].strip()
+        if dotted in seen:
+            raise ConfigError(f"override {dotted} given twice ({seen[dotted]!r} and {item!r}); give it once")
+        seen[dotted] = item
         _apply_override(raw, item)
     return from_dict(Config, raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in one section")
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping; a missing, non-UTF-8, invalid, empty or non-mapping file names itself and the line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; give at least one section (omit the file to use the defaults)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = ""):
@@ -579,14 +652,19 @@ def _coerce(hint, value, path: str):
             return value
         raise ConfigError(f"{path}={value!r} must be an integer")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}={value!r} must be a number")
+        if number is None:
+            raise ConfigError(f"{path}={value!r} must be a number")
+        if not math.isfinite(number):  # NaN fails no range check: refuse it (and inf) here, for every field
+            raise ConfigError(f"{path}={value!r} must be a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

@@ -7,6 +7,7 @@ S = padded prompt + response length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,9 +21,10 @@ from fapo_megatron.algo import (
     overlong_penalty,
 )
 from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.algo.rewards import VerdictUnavailableError
 from fapo_megatron.config import AlgorithmConfig, GenRMConfig, RolloutConfig
 from fapo_megatron.data.items import PromptItem
-from fapo_megatron.engines.base import Generation
+from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.genrm.types import Judge, JudgeCounts, JudgeRequest, Verdict, verdict_tensors
 
 
@@ -44,8 +46,6 @@ class GradedRollouts:
     """[N] float: group-normalised advantages (0 where not kept)."""
     group_ids: torch.Tensor
     """[N] long: the prompt each rollout answers."""
-    judge_counts: JudgeCounts = field(default_factory=JudgeCounts)
-    """GenRM outcome counts for this step."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Reward-side metrics of the step."""
 
@@ -93,6 +93,19 @@ def judge_correct_rollouts(
     return flawed, available, JudgeCounts.from_verdicts(ordered)
 
 
+def check_genrm_outage(counts: JudgeCounts, max_unavailable_fraction: float) -> None:
+    """Stop the step when more of its GenRM verdicts are missing than allowed: training on what is left (under
+    `drop`, the wrong answers only) would learn from a GenRM that is down."""
+    missing = counts.asked - counts.flawed - counts.clean
+    if counts.asked and missing / counts.asked > max_unavailable_fraction:
+        raise VerdictUnavailableError(
+            f"GenRM outage: {missing} of {counts.asked} verdicts missing ({counts.errors} errors, "
+            f"{counts.timed_out} timed out, {counts.unparseable} unparseable, {counts.unavailable} unavailable), "
+            f"above genrm.max_unavailable_fraction={max_unavailable_fraction:g}; check the GenRM (genrm.url, its "
+            "workers) or raise genrm.max_unavailable_fraction"
+        )
+
+
 def grade_rollouts(
     items: Sequence[PromptItem],
     generations: Sequence[Generation],
@@ -109,37 +122,36 @@ def grade_rollouts(
     if algorithm.reward == "genrm_step":
         return grade_genrm_rollouts(items, generations, algorithm=algorithm, rollout=rollout)
     flawed, available, counts = judge_correct_rollouts(judge, items, generations, correct, verdicts)
+    check_genrm_outage(counts, genrm.max_unavailable_fraction)
     group_ids = torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
     lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)
-    overlong = algorithm.overlong
+    shaping = overlong_shaping(lengths, algorithm, rollout)
+    lam = flaw_penalty(algorithm, judge)
     result = fapo_rewards(
-        correct,
-        flawed,
-        available,
-        lam=algorithm.lam if judge is not None else 0.0,
-        unavailable_policy=genrm.unavailable_policy,
-        response_lengths=lengths,
-        max_response_tokens=rollout.max_response_tokens,
-        overlong_buffer=overlong.buffer if overlong.enable else 0,
-        overlong_factor=overlong.penalty_factor,
+        correct, flawed, available, lam=lam, unavailable_policy=genrm.unavailable_policy, overlong=shaping
     )
     advantages = grpo_advantages(result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep)
-    progress = learning_progress(correct, flawed, group_ids, lam=algorithm.lam)
+    progress = learning_progress(correct, flawed, group_ids, lam=lam)
     metrics = {
         "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
         "reward/outcome_mean": float(result.outcome.float().mean()),
-        "reward/overlong_mean": float(overlong_shaping(lengths, algorithm, rollout).mean()),
+        "reward/overlong_mean": float(shaping.mean()),
         "reward/accuracy": float(correct.float().mean()),
-        "reward/flawed_positive_share": _nan_to_zero(flawed_positive_share(correct, flawed, available)),
+        "reward/flawed_positive_share": flawed_positive_share(correct, flawed, available),
         "reward/num_dropped": float(result.num_dropped),
         "reward/num_unavailable": float(result.num_unavailable),
         "reward/advantage_abs_mean": float(advantages[result.keep].abs().mean()) if bool(result.keep.any()) else 0.0,
-        "progress/mean_rho": _nan_to_zero(progress["mean_rho"]),
-        "progress/positive_flawed_advantage_share": _nan_to_zero(progress["positive_flawed_advantage_share"]),
+        "progress/mean_rho": progress["mean_rho"],
+        "progress/positive_flawed_advantage_share": progress["positive_flawed_advantage_share"],
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
         "response/clip_ratio": sum(g.finish_reason == "length" for g in generations) / max(len(generations), 1),
     }
+    # The step's realised sign of the flaw signal (GRPO: +1 whenever rewarded); NaN without flawed positives.
+    flawed_positives = correct & flawed & result.keep
+    metrics["progress/flawed_positive_advantage_share"] = (
+        float((advantages[flawed_positives] > 0).float().mean()) if bool(flawed_positives.any()) else math.nan
+    )
     if judge is not None:
         metrics.update(counts.as_metrics())
     return GradedRollouts(
@@ -150,7 +162,6 @@ def grade_rollouts(
         keep=result.keep,
         advantages=advantages,
         group_ids=group_ids,
-        judge_counts=counts,
         metrics=metrics,
     )
 
@@ -163,7 +174,7 @@ def grade_genrm_rollouts(
     rollout: RolloutConfig,
 ) -> GradedRollouts:
     """GenRM training: the rollouts are GenRM answers, rewarded by step distance to the label (+ overlong shaping)."""
-    from fapo_megatron.data.genrm_task import score_genrm_responses
+    from fapo_megatron.genrm.task import score_genrm_responses
 
     scores = score_genrm_responses([items[g.prompt_index] for g in generations], [g.text for g in generations])
     num, group_ids = len(generations), torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
@@ -193,6 +204,12 @@ def grade_genrm_rollouts(
         group_ids=group_ids,
         metrics=metrics,
     )
+
+
+def flaw_penalty(algorithm: AlgorithmConfig, judge: Judge | None) -> float:
+    """The lam the reward (and the learning-progress metric) uses: GRPO, the baseline, and a run without a judge
+    have no flaw penalty; verdicts, when a judge runs, are still logged."""
+    return algorithm.lam if algorithm.name == "fapo" and judge is not None else 0.0
 
 
 def overlong_shaping(lengths: torch.Tensor, algorithm: AlgorithmConfig, rollout: RolloutConfig) -> torch.Tensor:
@@ -232,8 +249,3 @@ def build_train_batch(
         group_ids=torch.tensor([generations[i].prompt_index for i in rows], dtype=torch.long),
         rollout_logprobs=rollout_logprobs,
     )
-
-
-def _nan_to_zero(value) -> float:
-    value = float(value)
-    return 0.0 if value != value else value

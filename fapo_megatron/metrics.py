@@ -7,6 +7,7 @@ Every scalar the trainer produces goes to both sinks under the same name (`train
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 PHASES = ("rollout", "genrm_visible", "logprobs", "update", "weight_sync", "validation", "checkpoint")
 """Timed phases of one step, in the order they run. `genrm_visible` is the wall time the step waited for verdicts;
 `time/genrm` beside it is the judge's busy time (wall time with at least one request in flight), which may
@@ -62,8 +67,8 @@ class MetricsLogger:
 
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tensorboard_dir = self.output_dir / "tensorboard"
-        self.jsonl_path = self.output_dir / "metrics.jsonl"
+        self.tensorboard_dir = self.output_dir / TENSORBOARD_DIR
+        self.jsonl_path = self.output_dir / METRICS_FILE
         self._truncate_after(resume_step)
         self._writer = SummaryWriter(
             log_dir=str(self.tensorboard_dir), purge_step=resume_step + 1 if resume_step else None
@@ -73,8 +78,7 @@ class MetricsLogger:
     def _truncate_after(self, resume_step: int) -> None:
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+        kept = [json.dumps(r) for r in read_metrics(self.jsonl_path) if r["step"] <= resume_step]
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -94,6 +98,21 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file, in step order."""
-    lines = Path(path).read_text().splitlines()
-    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["step"])
+    """The records of a metrics.jsonl file, in step order. A torn last line (a kill mid-write) is left out, with a
+    warning naming the file; a bad line elsewhere raises ValueError naming file and line."""
+    path = Path(path)
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            if number == len(lines):
+                logger.warning("%s:%d: torn last line left out (%s)", path, number, err)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics record ({err})") from None
+        records.append({**record, "step": step})
+    return sorted(records, key=lambda r: r["step"])

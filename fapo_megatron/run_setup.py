@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fapo_megatron.config import Config, to_dict
-from fapo_megatron.data import PromptItem
-from fapo_megatron.data.from_config import load_train_val
-from fapo_megatron.genrm.types import Judge, JudgeRequest, Verdict
-from fapo_megatron.roles.policy import load_tokenizer, prompt_shard
+from fapo_megatron.config import Config, ConfigError, DataConfig, TrainerConfig, to_dict
+from fapo_megatron.data.arith import make_arith_items
+from fapo_megatron.data.items import PromptItem
+from fapo_megatron.data.loaders import load_prompts
+from fapo_megatron.data.templates import load_tokenizer
+from fapo_megatron.genrm.task import load_genrm_items
+from fapo_megatron.genrm.types import Judge
+from fapo_megatron.megatron import checkpoint_files
+from fapo_megatron.metrics import METRICS_FILE, TENSORBOARD_DIR
 
 
 @dataclass
@@ -20,6 +24,31 @@ class RunData:
     val: list[PromptItem]
     monitor_judge: Judge | None
     """A free judge (the arithmetic task's program checker) that reports flaws on validation; None otherwise."""
+
+
+def load_train_val(cfg: DataConfig, *, genrm_max_steps: int = 32) -> tuple[list[PromptItem], list[PromptItem]]:
+    """(train, val) prompts: generated arithmetic chains, or the jsonl files (no val_path: no validation).
+
+    `genrm_max_steps` (genrm.max_steps) is the step split of GenRM training prompts (data.format=genrm_steps).
+    """
+    if cfg.format == "arith":
+        steps = {
+            "min_steps": cfg.arith_min_steps,
+            "max_steps": cfg.arith_max_steps,
+            "max_value": cfg.arith_max_value,
+            "max_operand": cfg.arith_max_operand,
+            "identity_steps": cfg.arith_identity_steps,
+        }
+        train = make_arith_items(cfg.arith_num_train, cfg.seed, split="train", **steps)
+        val = make_arith_items(cfg.arith_num_val, cfg.seed, split="val", **steps) if cfg.arith_num_val else []
+        return train, val
+    if cfg.format == "genrm_steps":
+        train = load_genrm_items(cfg.train_path, genrm_max_steps)
+        val = load_genrm_items(cfg.val_path, genrm_max_steps) if cfg.val_path else []
+        return train, val
+    train = load_prompts(cfg.train_path, cfg.format)
+    val = load_prompts(cfg.val_path, cfg.format) if cfg.val_path else []
+    return train, val
 
 
 def load_run_data(cfg: Config) -> RunData:
@@ -34,25 +63,9 @@ def load_run_data(cfg: Config) -> RunData:
     return RunData(tokenizer=load_tokenizer(cfg), train=train, val=val, monitor_judge=monitor)
 
 
-class WorkerJudge:
-    """Splits a step's GenRM requests over the GenRM worker group (one engine per worker), in order."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
-        num = self.group.num_workers
-        shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
-        self.group.call("resume_engine")
-        try:
-            answers = self.group.call_each("judge", [(shard,) for shard in shards])
-        finally:
-            self.group.call("release_engine")
-        return [verdict for shard in answers for verdict in shard]
-
-
-def build_judge_for_run(cfg: Config, session) -> Judge | None:
-    """The flaw detector of this run: in-process (program checker, external URL) or GenRM workers on devices.
+def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge | None:
+    """The flaw detector of this run: in-process (program checker, external URL) or GenRM workers on devices
+    (a group of `genrm_worker_cls`, the trainer's roles.genrm.GenRMWorker, on the session's GenRM bundles).
 
     GRPO runs get no judge, except the free program checker, whose verdicts are logged but not rewarded.
     """
@@ -67,21 +80,43 @@ def build_judge_for_run(cfg: Config, session) -> Judge | None:
         return build_judge(cfg.genrm)
     if cfg.algorithm.name == "grpo":
         return None
-    from fapo_megatron.roles.genrm import GenRMWorker
+    from fapo_megatron.cluster.role_groups import GenRMGroup  # Ray is imported only for runs that place workers
 
     num = session.layout.num_workers("genrm") // cfg.genrm.tp
-    group = session.worker_group("genrm", GenRMWorker, init_args=(to_dict(cfg),), num_workers=num)
-    group.call("release_engine")
-    return WorkerJudge(group)
+    return GenRMGroup(session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num))
 
 
-def resume_path(resume: str, checkpoint_dir: Path) -> Path | None:
-    """auto: the latest checkpoint under checkpoint_dir if any; none: start fresh; else that checkpoint path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return checkpoint_dir if (checkpoint_dir / "latest").is_file() else None
-    path = Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint")
-    return path
+def resume_path(trainer: TrainerConfig, output_dir: Path) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start.
+
+    auto: the newest complete step folder under output_dir/checkpoints (`latest` is only a hint); none: fresh; else
+    that checkpoint path. A fresh start into an output_dir that holds an earlier run's metrics or checkpoints is
+    refused, since it would overwrite them, unless trainer.overwrite is set: then they are deleted first.
+    """
+    checkpoint_dir = output_dir / "checkpoints"
+    if trainer.resume not in ("auto", "none"):
+        return checkpoint_files.resolve_checkpoint(trainer.resume)
+    if trainer.resume == "auto":
+        newest = checkpoint_files.newest_complete(checkpoint_dir)
+        if newest is not None:
+            return newest
+    earlier = [p for p in (output_dir / METRICS_FILE, checkpoint_dir) if _holds_data(p)]
+    if earlier and not trainer.overwrite:
+        why = "has no complete checkpoint to resume" if trainer.resume == "auto" else "is trainer.resume=none"
+        raise ConfigError(
+            f"trainer.output_dir={output_dir} already holds {' and '.join(p.name for p in earlier)} of an earlier "
+            f"run, and this start {why}: it would overwrite them. Pick another trainer.output_dir, resume a "
+            "checkpoint (trainer.resume=PATH), or set trainer.overwrite=true to delete them and start over"
+        )
+    for path in earlier + [output_dir / TENSORBOARD_DIR]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return None
+
+
+def _holds_data(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.is_file() and path.stat().st_size > 0

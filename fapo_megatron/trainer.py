@@ -19,11 +19,34 @@ import torch
 from fapo_megatron.config import Config, dump_yaml, to_dict
 from fapo_megatron.data import PromptSampler
 from fapo_megatron.data.templates import encode_prompt
-from fapo_megatron.engines.base import SamplingParams
+from fapo_megatron.engine_protocol import SamplingParams
 from fapo_megatron.experience import build_train_batch, grade_rollouts, judge_request
+from fapo_megatron.megatron import checkpoint_files
 from fapo_megatron.metrics import MetricsLogger, PhaseTimer
 from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
 from fapo_megatron.verify import AnswerChecker
+
+VAL_SEED_STRIDE = 7919
+"""Validation at step s samples with seed + 7919 * s, training with seed + s: a prime stride keeps every validation
+seed apart from every training seed of the first 7919 steps, so validation never replays a rollout's draws."""
+
+
+def sampling_params(cfg: Config) -> tuple[SamplingParams, SamplingParams]:
+    """(rollout, validation) sampling of the run, resolved once from the config; the seed is set per step."""
+    rollout = SamplingParams(
+        max_new_tokens=cfg.rollout.max_response_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        n=cfg.rollout.n,
+    )
+    validation = SamplingParams(
+        max_new_tokens=cfg.rollout.max_response_tokens,
+        temperature=cfg.trainer.val_temperature,
+        top_p=cfg.trainer.val_top_p,
+        n=cfg.trainer.val_n,
+    )
+    return rollout, validation
 
 
 class Trainer:
@@ -31,9 +54,12 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.resume_from = resume_path(cfg.trainer, self.output_dir)
+        """The checkpoint to resume from (None: a fresh start), decided before any data, Ray or worker starts."""
         self.data: RunData = load_run_data(cfg)
         self.sampler = PromptSampler(self.data.train, cfg.data.batch_size, cfg.data.seed)
-        self.checker = AnswerChecker(num_workers=2)
+        self.checker = AnswerChecker(num_workers=cfg.trainer.answer_check_workers)
+        self.rollout_params, self.val_params = sampling_params(cfg)
         self.timer = PhaseTimer()
         self.step = 0
         self.summary: list[dict[str, float]] = []
@@ -43,18 +69,20 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         from fapo_megatron.cluster.pools import ray_session
         from fapo_megatron.cluster.preemption import EXIT_PREEMPTED, install_preemption_handler
+        from fapo_megatron.cluster.role_groups import PolicyGroup
 
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         with ray_session(cfg) as session:
+            from fapo_megatron.roles.genrm import GenRMWorker
             from fapo_megatron.roles.policy import PolicyWorker
 
-            self.policy = session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),))
-            self.judge = build_judge_for_run(cfg, session)
+            self.policy = PolicyGroup(session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),)))
+            self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):
-                self.policy.call("sync_weights")  # engines start from the actor's (possibly resumed) weights
+                self.policy.sync_weights()  # engines start from the actor's (possibly resumed) weights
             preemption = install_preemption_handler()
             self.logger = MetricsLogger(self.output_dir, resume_step=self.step)
             bar = _progress(cfg, self.step)
@@ -65,16 +93,19 @@ class Trainer:
                     if self._validation_due():
                         with self.timer.phase("validation"):
                             metrics.update(self.validate())
-                    if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
-                        with self.timer.phase("checkpoint"):
-                            self.save_checkpoint()
+                    # The row goes out before the checkpoint: a kill between the two resumes at the step
+                    # before, which rewinds the row; the other order would lose it. The save's time is
+                    # reported in the next step's row.
                     metrics.update({f"time/{k}": v for k, v in self.timer.reset().items()})
                     self.logger.log(self.step, metrics)
                     self.summary.append(metrics)
+                    if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
+                        with self.timer.phase("checkpoint"):
+                            self.save_checkpoint()
                     bar.update(1)
                     if preemption.requested:
                         raise SystemExit(EXIT_PREEMPTED)
-                if not (self.checkpoint_dir / "latest").exists() or self._latest_step() != self.step:
+                if self._newest_saved_step() != self.step:
                     self.save_checkpoint()
             finally:
                 bar.close()
@@ -99,7 +130,7 @@ class Trainer:
                 generations = self.generate(prompts, self.sampling(validation=False))
             else:
                 generations, correct, early = self._generate_and_submit(items, prompts, stream)
-            self.policy.call("wake_actor")
+            self.policy.wake_actor()
         pad_id = self.data.tokenizer.pad_token_id
         if stream is None:
             correct = self.checker.check(
@@ -112,7 +143,7 @@ class Trainer:
             batch = build_train_batch(generations, graded.advantages, graded.keep, pad_id)
             bar.set_postfix_str(f"step {self.step + 1}: log-probs")
             with timer.phase("logprobs"):
-                old_logprobs, entropy = self.policy.call("compute_logprobs", batch)[0]
+                old_logprobs, entropy = self.policy.compute_logprobs(batch)
         else:
             # The old log-probs do not depend on rewards: computed for every rollout while verdicts are out, then
             # the kept rows are taken (right padding: the kept batch is a column prefix of the full one).
@@ -120,7 +151,7 @@ class Trainer:
             full = build_train_batch(generations, torch.zeros(len(generations)), everything, pad_id)
             bar.set_postfix_str(f"step {self.step + 1}: log-probs")
             with timer.phase("logprobs"):
-                full_logprobs, full_entropy = self.policy.call("compute_logprobs", full)[0]
+                full_logprobs, full_entropy = self.policy.compute_logprobs(full)
             bar.set_postfix_str(f"step {self.step + 1}: genrm")
             with timer.phase("genrm_visible"):
                 verdicts = stream.collect()
@@ -132,10 +163,10 @@ class Trainer:
         batch = dataclasses.replace(batch, old_logprobs=old_logprobs)
         bar.set_postfix_str(f"step {self.step + 1}: update")
         with timer.phase("update"):
-            update = self.policy.call("train_step", batch)[0]
+            update = self.policy.train_step(batch)
         bar.set_postfix_str(f"step {self.step + 1}: weight sync")
         with timer.phase("weight_sync"):
-            sync = self.policy.call("sync_weights")
+            sync = self.policy.sync_weights()
 
         mask = batch.response_mask.bool()
         response_tokens = int(mask.sum())
@@ -157,30 +188,17 @@ class Trainer:
         metrics["perf/prompt_tokens"] = float(batch.lengths.sum()) - response_tokens  # of the rollouts trained on
         bar.set_postfix_str(
             f"step {self.step + 1}: acc {metrics['reward/accuracy']:.2f} "
-            f"flawed {metrics['reward/flawed_positive_share']:.2f}"
+            f"flawed {format_share(metrics['reward/flawed_positive_share'], 2)}"
         )
         return metrics
 
     # ------------------------------------------------------------------------------------------ parts
 
     def sampling(self, *, validation: bool) -> SamplingParams:
-        cfg = self.cfg
+        """This step's sampling: the run's rollout or validation parameters with this step's seed."""
         if validation:
-            return SamplingParams(
-                max_new_tokens=cfg.rollout.max_response_tokens,
-                temperature=cfg.trainer.val_temperature,
-                top_p=cfg.trainer.val_top_p,
-                n=cfg.trainer.val_n,
-                seed=cfg.trainer.seed + 7919 * self.step,
-            )
-        return SamplingParams(
-            max_new_tokens=cfg.rollout.max_response_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            n=cfg.rollout.n,
-            seed=cfg.trainer.seed + self.step,
-        )
+            return dataclasses.replace(self.val_params, seed=self.cfg.trainer.seed + VAL_SEED_STRIDE * self.step)
+        return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + self.step)
 
     def _verdict_stream(self):
         """A stream for this step's verdicts when they can leave during the rollout (an external GenRM with
@@ -197,7 +215,7 @@ class Trainer:
         Returns (generations in prompt-major order, correct [N] bool, requests sent before the last rollout came).
         """
         finished, correct_of, sent, early = {}, {}, [], 0
-        for chunk in self.policy.stream("generate_stream", prompts, self.sampling(validation=False)):
+        for chunk in self.policy.generate_stream(prompts, self.sampling(validation=False)):
             early = len(sent)  # everything sent before this chunk left while generation still ran
             golds = [items[g.prompt_index].ground_truth for _, g in chunk]
             for (position, gen), ok in zip(chunk, self.checker.check([g.text for _, g in chunk], golds)):
@@ -218,23 +236,11 @@ class Trainer:
             generations,
             torch.tensor(correct, dtype=torch.bool),
             self.judge,
-            algorithm=self._reward_algorithm(),
+            algorithm=self.cfg.algorithm,
             rollout=self.cfg.rollout,
             genrm=self.cfg.genrm,
             verdicts=verdicts,
         )
-
-    def generate(self, prompts, params: SamplingParams):
-        shards = self.policy.call("generate", prompts, params)
-        generations = [g for shard in shards for g in shard]
-        generations.sort(key=lambda g: g.prompt_index)  # prompt-major: groups stay contiguous
-        return generations
-
-    def _reward_algorithm(self):
-        """GRPO is FAPO with the flaw penalty off; verdicts (when a judge runs) are still logged."""
-        if self.cfg.algorithm.name == "grpo":
-            return dataclasses.replace(self.cfg.algorithm, lam=0.0)
-        return self.cfg.algorithm
 
     def validate(self) -> dict[str, float]:
         """avg@k accuracy on the validation prompts (no GenRM in the reward; the program checker, when the task
@@ -242,7 +248,7 @@ class Trainer:
         if not self.data.val:
             return {}
         prompts = [encode_prompt(item, self.data.tokenizer) for item in self.data.val]
-        generations = self.generate(prompts, self.sampling(validation=True))
+        generations = self.policy.generate(prompts, self.sampling(validation=True))
         golds = [self.data.val[g.prompt_index].ground_truth for g in generations]
         correct = torch.tensor(self.checker.check([g.text for g in generations], golds), dtype=torch.bool)
         metrics = {"val/accuracy": float(correct.float().mean())}
@@ -252,7 +258,7 @@ class Trainer:
             flawed, available, _ = judge_correct_rollouts(self.data.monitor_judge, self.data.val, generations, correct)
             judged = correct & available
             metrics["val/flawed_positive_share"] = (
-                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else 0.0
+                float((flawed & judged).sum() / judged.sum()) if bool(judged.any()) else math.nan
             )
             metrics["val/clean_accuracy"] = float((correct & ~flawed).float().mean())
         return metrics
@@ -268,29 +274,21 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         extra = {"step": self.step, "sampler": self.sampler.state_dict()}
-        self.policy.call("save", str(self.checkpoint_dir), extra)
-        _prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
+        self.policy.save(str(self.checkpoint_dir), extra)
+        checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
 
-    def _latest_step(self) -> int:
-        name = (self.checkpoint_dir / "latest").read_text().strip()
-        return int(name.rsplit("_", 1)[-1])
+    def _newest_saved_step(self) -> int | None:
+        steps = checkpoint_files.complete_steps(self.checkpoint_dir)
+        return steps[-1][0] if steps else None
 
     def _resume(self) -> None:
-        path = resume_path(self.cfg.trainer.resume, self.checkpoint_dir)
+        path = self.resume_from
         if path is None:
             return
-        extra = self.policy.call("load", str(path))[0]
+        extra = self.policy.load(str(path))
         self.step = int(extra["step"])
         self.sampler.load_state_dict(extra["sampler"])
         print(f"fapo-megatron: resumed from {path} at step {self.step}", flush=True)
-
-
-def _prune(root: Path, keep: int) -> None:
-    import shutil
-
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _progress(cfg: Config, initial: int):
@@ -304,6 +302,11 @@ def _progress(cfg: Config, initial: int):
         disable=not cfg.trainer.progress,
         dynamic_ncols=True,
     )
+
+
+def format_share(value: float | None, digits: int = 3) -> str:
+    """A metric for people: "n/a" where it is undefined (NaN, e.g. a share of zero judged rollouts), never 0."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> None:
@@ -321,7 +324,7 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     print(f"\n{'metric':<24}{'first step':>12}{'last step':>12}")
     for key, label in rows:
         if key in last:
-            print(f"{label:<24}{first.get(key, math.nan):>12.3f}{last[key]:>12.3f}")
+            print(f"{label:<24}{format_share(first.get(key, math.nan)):>12}{format_share(last[key]):>12}")
     totals = {}
     for record in summary:
         for key, value in record.items():

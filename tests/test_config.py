@@ -89,3 +89,84 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("algorithm.lam=nan", "algorithm.lam='nan' must be a finite number"),
+        ("optim.lr=inf", "optim.lr='inf' must be a finite number"),
+        ("rollout.temperature=.nan", "rollout.temperature=nan must be a finite number"),
+        ("genrm.deadline_s=-.inf", "genrm.deadline_s=-inf must be a finite number"),
+        ("rollout.n=1", "rollout.n=1 must be >= 2"),
+        ("rollout.top_k=0", "rollout.top_k=0 is not allowed; use -1 (off) or a k >= 1"),
+        ("trainer.val_top_p=5", "trainer.val_top_p=5.0 is out of range"),
+        ("trainer.val_temperature=-1", "trainer.val_temperature=-1.0 is out of range"),
+        ("genrm.temperature=-0.5", "genrm.temperature=-0.5 is out of range"),
+        ("rollout.sglang_port=99999", "rollout.sglang_port=99999 is out of range"),
+        ("cluster.master_port=99999", "cluster.master_port=99999 is out of range"),
+        ("genrm.max_unavailable_fraction=1.5", "genrm.max_unavailable_fraction=1.5 is out of range"),
+        ("trainer.output_dir=", "trainer.output_dir is empty"),
+        (
+            "trainer.resume=autp",
+            "trainer.resume='autp': not auto, none or an existing checkpoint path (did you mean auto?)",
+        ),
+    ],
+)
+def test_bad_values_rejected_at_load_naming_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_top_k_minus_one_and_positive_k_accepted():
+    assert load_config(None, ["rollout.top_k=-1"]).rollout.top_k == -1
+    assert load_config(None, ["rollout.top_k=20"]).rollout.top_k == 20
+
+
+def test_key_given_twice_on_command_line_rejected():
+    with pytest.raises(
+        ConfigError, match=r"override algorithm.lam given twice \('algorithm.lam=0.5' and 'algorithm.lam=2'\)"
+    ):
+        load_config(None, ["algorithm.lam=0.5", "algorithm.lam=2"])
+
+
+def test_yaml_duplicate_keys_empty_file_and_non_utf8_name_file_and_line(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("algorithm:\n  lam: 0.5\n  clip_low: 0.1\n  lam: 2.0\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 4: key 'lam' given twice"):
+        load_config(dup)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty"):
+        load_config(empty)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"algorithm:\n  lam: 0.5\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml:3: not UTF-8 \(byte 0xe9\)"):
+        load_config(latin)
+
+
+def _train_cli(capsys, tmp_path, *overrides):
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    code = main(["train", str(config), f"trainer.output_dir={tmp_path / 'run'}", "trainer.progress=false", *overrides])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_data_and_checkpoint_errors_print_one_line_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"problem": "caf\xe9", "answer": "1"}\n')
+    code, err = _train_cli(capsys, tmp_path, "data.format=math", f"data.train_path={bad}")
+    assert code == 2 and err == f"fapo-megatron: data error: {bad}:1: not UTF-8 (byte 0xe9 at column 17)"
+    empty_root = tmp_path / "ckpts"
+    (empty_root / "step_00000004.tmp").mkdir(parents=True)
+    code, err = _train_cli(capsys, tmp_path, f"trainer.resume={empty_root}")
+    assert code == 2 and err.startswith(f"fapo-megatron: checkpoint error: {empty_root}: not a checkpoint")
+    assert "\n" not in err
+
+
+def test_full_disk_is_named_as_such():
+    from fapo_megatron.megatron.checkpoint_files import torch_save
+
+    with pytest.raises(OSError, match="No space left on device writing /dev/full") as err:
+        torch_save({"w": list(range(10000))}, "/dev/full")  # the kernel's always-full device
+    assert err.value.errno == 28

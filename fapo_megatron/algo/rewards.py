@@ -86,17 +86,14 @@ def fapo_rewards(
     *,
     lam: float = 1.0,
     unavailable_policy: str = "drop",
-    response_lengths: torch.Tensor | None = None,
-    max_response_tokens: int | None = None,
-    overlong_buffer: int = 0,
-    overlong_factor: float = 1.0,
+    overlong: torch.Tensor | None = None,
 ) -> RewardResult:
     """FAPO reward of N rollouts from bool tensors `correct`, `flawed` and `available` (default: all available).
 
     `unavailable_policy` decides what a correct rollout without a verdict gets: `treat_as_clean` (no penalty),
     `treat_as_flawed` (-lam), `drop` (keep=False, reward NaN) or `fail` (raise VerdictUnavailableError).
-    Plain GRPO is `flawed` all False. Overlong shaping applies when `overlong_buffer > 0`; it then needs
-    `response_lengths` and `max_response_tokens`.
+    Plain GRPO is `flawed` all False. `overlong` is the float [N] shaping term (`overlong_penalty`) added to
+    each reward; the caller computes it once, so the reward and its logged share are the same numbers.
     """
     _check_bool_vector("correct", correct)
     num = correct.numel()
@@ -122,14 +119,10 @@ def fapo_rewards(
 
     outcome = torch.where(correct, 1.0, -1.0).to(torch.float32)
     rewards = outcome - lam * penalized.to(torch.float32)
-    if overlong_buffer > 0:
-        if response_lengths is None or max_response_tokens is None:
-            raise ValueError("overlong_buffer > 0 needs response_lengths and max_response_tokens")
-        if response_lengths.shape != correct.shape:
-            raise ValueError(
-                f"response_lengths has shape {tuple(response_lengths.shape)}, expected {tuple(correct.shape)}"
-            )
-        rewards = rewards + overlong_penalty(response_lengths, max_response_tokens, overlong_buffer, overlong_factor)
+    if overlong is not None:
+        if overlong.shape != correct.shape:
+            raise ValueError(f"overlong has shape {tuple(overlong.shape)}, expected {tuple(correct.shape)}")
+        rewards = rewards + overlong
     rewards = torch.where(keep, rewards, torch.nan)
     return RewardResult(
         rewards=rewards,

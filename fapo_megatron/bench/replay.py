@@ -16,9 +16,8 @@ def replay_prompt_tokens(cfg: Config, num_steps: int) -> list[int]:
     Prompts over rollout.max_prompt_tokens are left out, as the trainer leaves them out.
     """
     from fapo_megatron.data import PromptSampler
-    from fapo_megatron.data.from_config import load_train_val
-    from fapo_megatron.data.templates import encode_prompt
-    from fapo_megatron.roles.policy import load_tokenizer
+    from fapo_megatron.data.templates import encode_prompt, load_tokenizer
+    from fapo_megatron.run_setup import load_train_val
 
     train, _ = load_train_val(cfg.data, genrm_max_steps=cfg.genrm.max_steps)
     sampler = PromptSampler(train, cfg.data.batch_size, cfg.data.seed)

@@ -5,7 +5,8 @@ forwards it to the trainer. The trainer calls `install_preemption_handler()` onc
 after every step, and when it is set saves a checkpoint, calls `requeue_if_needed()` and exits with
 `EXIT_PREEMPTED`. Under tools/slurm/fapo.sbatch.in the script itself requeues (FAPO_REQUEUE=launcher), once
 Ray is down; the requeued job resumes from the checkpoint with `trainer.resume=auto`. SIGTERM (what Slurm
-sends at the limit or on `scancel`) sets the same flag, so a step that finishes inside KillWait still saves.
+sends at the limit or on `scancel`) and SIGHUP set the same flag, so a step that finishes inside KillWait still
+saves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 EXIT_PREEMPTED = 75
 """Exit code of a trainer that stopped early on a pre-emption request (EX_TEMPFAIL: "try again later")."""
 
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP)
+"""SIGHUP (the terminal or ssh session went away) is handled like SIGTERM: checkpoint, tear down, exit."""
 REQUEUE_MODES = ("self", "launcher", "off")
 
 

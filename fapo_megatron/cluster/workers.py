@@ -18,8 +18,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from fapo_megatron.cluster.bundles import Pool
 from fapo_megatron.cluster.dist_env import DistEnv
-from fapo_megatron.cluster.pools import Pool
 
 
 class WorkerError(RuntimeError):

@@ -106,7 +106,12 @@ def run_bench(args) -> int:
     if args.steps <= args.skip_first:
         raise ConfigError(f"--steps {args.steps} leaves nothing after --skip-first {args.skip_first}")
     output_dir = args.output_dir or f"runs/bench_{Path(args.config).stem}"
-    defaults = [f"trainer.steps={args.steps}", f"trainer.output_dir={output_dir}", "trainer.resume=none"]
+    defaults = [
+        f"trainer.steps={args.steps}",
+        f"trainer.output_dir={output_dir}",
+        "trainer.resume=none",
+        "trainer.overwrite=true",
+    ]
     cfg = load_config(args.config, [*defaults, *args.overrides])
     Trainer(cfg).fit()
     args.run_dir = cfg.trainer.output_dir

@@ -1,5 +1,6 @@
 """`fapo-megatron demo [--compare]`: the CPU demo, a small real FAPO run end to end (and GRPO beside it)."""
 
+import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
@@ -17,12 +18,15 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from fapo_megatron.config import load_config
     from fapo_megatron.demo.plot import plot_runs
+    from fapo_megatron.demo.report import print_report
     from fapo_megatron.demo.warmup import warm_up
     from fapo_megatron.trainer import Trainer, print_summary
 
     out = Path(args.output_dir)
     print("fapo-megatron demo: warming up the tiny policy on arithmetic chains (cached after the first run)")
+    start = time.perf_counter()
     policy = warm_up(out / "policy_init")
+    seconds = {"warm-up": time.perf_counter() - start}
     names = ["fapo", "grpo"] if args.compare else ["fapo"]
     runs = {}
     for name in names:
@@ -36,11 +40,15 @@ def run(args) -> int:
         cfg = load_config(args.config, overrides)
         _clear(out / name)
         print(f"\nfapo-megatron demo: {name.upper()} run -> {out / name}")
+        start = time.perf_counter()
         print_summary(Trainer(cfg).fit(), cfg.trainer.output_dir)
+        seconds[name.upper()] = time.perf_counter() - start
         runs[name.upper()] = out / name
+    print_report(runs)
     png = plot_runs(runs, out / ("fapo_vs_grpo.png" if args.compare else "fapo.png"))
     print(f"\nplot: {png}")
     print(f"TensorBoard: tensorboard --logdir {out}")
+    print("wall time: " + ", ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items()))
     return 0
 
 

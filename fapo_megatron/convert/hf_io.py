@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from fapo_megatron.megatron.checkpoint_files import CheckpointError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files besides weights that make a folder load with AutoModelForCausalLM / AutoTokenizer unchanged.
@@ -31,10 +33,6 @@ AUX_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing files or tensors, or disagrees with its config; the message names them."""
 
 
 class HFReader:

@@ -125,11 +125,15 @@ def compare(hf_model, megatron_model, prompts: list[list[int]], thresholds: Pari
     vocab = hf_model.config.vocab_size
     max_abs, min_cos, agree, total = 0.0, 1.0, 0, 0
     layer_rel = [0.0] * len(hf_model.model.layers)
+    non_finite: list[str] = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
         ref_logits, ref_hidden = _run_hf(hf_model, ids)
         out_logits, out_hidden = _run_megatron(megatron_model, ids)
         ref_logits, out_logits = ref_logits.float(), out_logits[:, :vocab].float()
+        for side, logits in (("HF", ref_logits), ("megatron", out_logits)):
+            if side not in non_finite and not bool(torch.isfinite(logits).all()):
+                non_finite.append(side)
         max_abs = max(max_abs, (ref_logits - out_logits).abs().max().item())
         min_cos = min(min_cos, torch.nn.functional.cosine_similarity(ref_logits, out_logits, dim=-1).min().item())
         agree += (ref_logits.argmax(-1) == out_logits.argmax(-1)).sum().item()
@@ -138,6 +142,8 @@ def compare(hf_model, megatron_model, prompts: list[list[int]], thresholds: Pari
             rel = (ref.float() - out.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
             layer_rel[index] = max(layer_rel[index], rel.item())
     report = ParityReport(max_abs, min_cos, agree / max(total, 1), layer_rel, thresholds)
+    # NaN compares False with every threshold (and max(0.0, nan) is 0.0): non-finite output fails by itself.
+    report.failures += [f"non-finite logits on the {side} side" for side in non_finite]
     if max_abs > thresholds.max_abs_diff:
         report.failures.append(f"max |logit diff| {max_abs:.3e} > {thresholds.max_abs_diff:.1e}")
     if min_cos < thresholds.min_cosine:

@@ -23,11 +23,13 @@ import torch
 from tqdm import tqdm
 
 from fapo_megatron.convert import hf_io, megatron_io, parity
+from fapo_megatron.megatron import checkpoint_files
 from fapo_megatron.models import hf_mapping, registry
 
 HF_SUBDIR = "hf"
-META_NAME = "meta.json"
-LATEST = "latest"
+META_NAME = checkpoint_files.META
+DIST_METADATA = "metadata.json"
+"""megatron-core's index of a distributed checkpoint folder."""
 # HF tensors that carry no weights (recomputed buffers) and are skipped on import.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -110,12 +112,14 @@ def _write_meta(folder: Path, hf_config: dict, source: Path, *, tp: int, pp: int
 
 
 def resolve_megatron_dir(path: str | Path) -> Path:
-    """A checkpoint folder, or an actor checkpoint root whose `latest` file names one."""
+    """A checkpoint folder, or an actor checkpoint root (its newest complete step folder), with the checksums
+    recorded at save verified."""
     path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
     if not path.is_dir():
         raise FileNotFoundError(f"megatron checkpoint folder {path} not found")
+    if not (path / DIST_METADATA).is_file():
+        path = checkpoint_files.resolve_checkpoint(path)
+    checkpoint_files.verify_checksums(path)
     return path
 
 
@@ -151,23 +155,47 @@ def hf_to_megatron(
     partial = _prepare_out(out_dir)
     start = time.perf_counter()
     reader.bytes_read = 0
+    finite_reads = _FiniteReads(reader)
     with _progress(reader.total_bytes(), "hf -> megatron", progress) as bar:
         megatron_io.save_from_hf(
             model_spec,
             spec,
-            reader.get,
+            finite_reads,
             partial,
             dtype=reader.dtype(),
             on_tensor=lambda *_: bar.update(reader.bytes_read - bar.n),
         )
+    finite_reads.check()
     hf_io.copy_aux_files(hf_dir, partial / HF_SUBDIR)
     _write_meta(partial, hf_io.read_config(hf_dir), hf_dir, tp=tp, pp=pp)
+    checkpoint_files.write_checksums(partial)
     _finish_out(partial, out_dir)
     seconds = time.perf_counter() - start
     report = None
     if thresholds is not None:
         report = check_parity(hf_dir, out_dir, model_spec, spec, thresholds)
     return ConversionResult(out_dir, reader.bytes_read, seconds, report)
+
+
+class _FiniteReads:
+    """Reads HF tensors for the checkpoint writer and notes the first that holds NaN or inf (a converted checkpoint
+    would carry them into training); the writer runs in threads, so the error is raised after it finishes."""
+
+    def __init__(self, reader: hf_io.HFReader):
+        self.reader = reader
+        self.error: str | None = None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        tensor = self.reader.get(name)
+        if self.error is None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            where = self.reader.folder / self.reader.weight_map[name]
+            self.error = f"{where}: tensor {name!r} has {bad} non-finite value(s)"
+        return tensor
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise hf_io.CheckpointError(self.error)
 
 
 def megatron_to_hf(

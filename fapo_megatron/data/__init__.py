@@ -3,6 +3,7 @@
 from fapo_megatron.data.arith import (
     FLAWS,
     FLAWS_WITH_CORRECT_ANSWER,
+    SHORTCUT_FLAWS,
     WRONG_ANSWER,
     arith_solution,
     first_wrong_step,
@@ -10,7 +11,6 @@ from fapo_megatron.data.arith import (
     parse_problem,
 )
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
-from fapo_megatron.data.from_config import load_train_val
 from fapo_megatron.data.items import DataError, PromptItem
 from fapo_megatron.data.loaders import FORMATS, load_prompts
 from fapo_megatron.data.sampler import PromptSampler
@@ -18,6 +18,7 @@ from fapo_megatron.data.sampler import PromptSampler
 __all__ = [
     "FLAWS",
     "FLAWS_WITH_CORRECT_ANSWER",
+    "SHORTCUT_FLAWS",
     "FORMATS",
     "WRONG_ANSWER",
     "DataError",
@@ -27,7 +28,6 @@ __all__ = [
     "arith_tokenizer",
     "first_wrong_step",
     "load_prompts",
-    "load_train_val",
     "make_arith_items",
     "parse_problem",
 ]

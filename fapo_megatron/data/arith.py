@@ -14,6 +14,15 @@ paragraph and the answer in a box:
 Running values stay in 1..999 so a tiny character-level model can learn the task. Because every step can be
 checked by a program (`first_wrong_step`), the task has exact flaw labels: a response can reach the right
 boxed answer through a wrong or missing step, which is what FAPO's flaw detector looks for.
+
+Shortcuts that work. For a real model a flaw is often a shortcut that still lands on the right answer; a
+tiny model that skips a real step or guesses, however, fails more often, so the outcome reward alone already
+removes those flaws and FAPO has nothing to add. Chains may therefore hold trivial steps (`identity_steps`:
+`Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw there: the trivial step left out, stated as a
+bare unjustified number, or written with a wrong result that the next step silently ignores. The running
+value does not change at a trivial step, so a flawed solution needs no more arithmetic than a clean one (the
+skip and the bare claim are even shorter, fewer tokens to get wrong): outcome-only GRPO is meant to have no
+reason to drop them, while the program checker still marks the exact step, so FAPO's flaw penalty can.
 """
 
 from __future__ import annotations
@@ -33,6 +42,11 @@ ignores, a step left out, a bare answer with no steps."""
 WRONG_ANSWER = "wrong_answer"
 """A slip carried through to a wrong boxed answer."""
 FLAWS = (*FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER)
+SHORTCUT_FLAWS = ("skipped_trivial", "bare_trivial", "fixed_trivial_slip")
+"""Flaws at a chain's first trivial step (x 1 or + 0) that cost the answer nothing: its line left out, its line
+a bare number with no operation, its result written wrong and ignored by the next step."""
+IDENTITY_OPS = (("*", 1), ("+", 0))
+"""The trivial operations `identity_steps` inserts; the generator never makes them otherwise."""
 
 _OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
 _WORD_OPS = {word: op for op, word in _OP_WORDS.items()}
@@ -86,11 +100,13 @@ def make_arith_items(
     *,
     max_value: int = MAX_VALUE,
     max_operand: int = 20,
+    identity_steps: int = 0,
 ) -> list[PromptItem]:
     """`n` distinct problems, deterministic in (seed, split); train and val never share a problem text.
 
     max_value bounds every running value, max_operand every added/subtracted number (multipliers stay 2..5):
-    small bounds make a task a tiny model can learn in minutes.
+    small bounds make a task a tiny model can learn in minutes. identity_steps trivial operations (IDENTITY_OPS)
+    are inserted at random places of each chain, on top of its min_steps..max_steps real ones.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: must be 'train' or 'val'")
@@ -98,16 +114,20 @@ def make_arith_items(
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
     if max_value < 4 or max_operand < 1:
         raise ValueError(f"need max_value >= 4 and max_operand >= 1, got {max_value}, {max_operand}")
+    if identity_steps < 0:
+        raise ValueError(f"identity_steps={identity_steps} must be >= 0")
     rng = random.Random(f"arith:{seed}:{split}")
     items, seen = [], set()
     for _ in range(200 * n + 1000):
         if len(items) == n:
             break
         problem = _random_problem(rng, rng.randint(min_steps, max_steps), max_value, max_operand)
-        text = problem.text
-        if text in seen or _split_of(text) != split:
+        base_text = problem.text  # split and de-duplication by the real chain: trivial steps change neither
+        if base_text in seen or _split_of(base_text) != split:
             continue
-        seen.add(text)
+        seen.add(base_text)
+        problem = _with_identity_steps(problem, identity_steps, random.Random(f"identity:{base_text}"))
+        text = problem.text
         meta = {"start": problem.start, "ops": [list(op) for op in problem.ops], "split": split}
         items.append(
             PromptItem(prompt=text, ground_truth=str(problem.answer), source="arith", index=len(items), meta=meta)
@@ -120,7 +140,7 @@ def make_arith_items(
 def arith_solution(
     item_or_problem: PromptItem | str, flaw: str | None = None, rng: random.Random | None = None
 ) -> str:
-    """The canonical solution, or one with `flaw` (see FLAWS); `rng` picks where the flaw goes.
+    """The canonical solution, or one with `flaw` (see FLAWS, SHORTCUT_FLAWS); `rng` picks where the flaw goes.
 
     Without `rng` the choice is seeded by the problem text, so a given (problem, flaw) is reproducible.
     """
@@ -140,8 +160,19 @@ def arith_solution(
         k = rng.randrange(len(lines))
         op, operand = problem.ops[k]
         lines[k] = f"{values[k]} {op} {operand} = {_slipped(values[k + 1], rng)}"
+    elif flaw in SHORTCUT_FLAWS:
+        k = _first_trivial_step(problem)
+        if flaw == "skipped_trivial":
+            del lines[k]
+        elif flaw == "bare_trivial":
+            lines[k] = str(values[k + 1])
+        else:
+            op, operand = problem.ops[k]
+            lines[k] = f"{values[k]} {op} {operand} = {_slipped(values[k + 1], rng)}"
     elif flaw == WRONG_ANSWER:
-        k = rng.randrange(len(lines))
+        # The slip goes to a real step, so writing a wrong result at a trivial step stays the shortcut's own move.
+        real = [k for k, op in enumerate(problem.ops) if op not in IDENTITY_OPS] or list(range(len(lines)))
+        k = rng.choice(real)
         value = _slipped(values[k + 1], rng)
         op, operand = problem.ops[k]
         lines[k] = f"{values[k]} {op} {operand} = {value}"
@@ -151,7 +182,7 @@ def arith_solution(
             value = _apply(value, op, operand)
         answer = value
     else:
-        raise ValueError(f"flaw={flaw!r}: must be None or one of {FLAWS}")
+        raise ValueError(f"flaw={flaw!r}: must be None or one of {FLAWS + SHORTCUT_FLAWS}")
     return "\n\n".join([*lines, f"\\boxed{{{answer}}}"])
 
 
@@ -207,6 +238,21 @@ def _random_problem(rng: random.Random, num_steps: int, max_value: int, max_oper
         ops.append((op, operand))
         value = _apply(value, op, operand)
     return ArithProblem(start=start, ops=tuple(ops))
+
+
+def _with_identity_steps(problem: ArithProblem, count: int, rng: random.Random) -> ArithProblem:
+    """`problem` with `count` trivial operations inserted at random places (running values unchanged)."""
+    ops = list(problem.ops)
+    for _ in range(count):
+        ops.insert(rng.randint(0, len(ops)), rng.choice(IDENTITY_OPS))
+    return ArithProblem(start=problem.start, ops=tuple(ops))
+
+
+def _first_trivial_step(problem: ArithProblem) -> int:
+    for k, op in enumerate(problem.ops):
+        if op in IDENTITY_OPS:
+            return k
+    raise ValueError(f"a shortcut flaw needs a trivial step (x 1 or + 0) in the problem: {problem.text!r}")
 
 
 def _split_of(text: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,23 @@ def load_prompts(path: str | Path, format: str) -> list[PromptItem]:  # noqa: A0
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     items, skipped_lines, row_index = [], [], 0
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start]
+                raise DataError(f"{where}: not UTF-8 (byte 0x{byte:02x} at column {error.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             row_index += 1
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+            except ValueError as error:
+                raise DataError(f"{where}: not valid JSON ({error})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             item = row_parser(row, where, row_index - 1)
@@ -106,6 +114,18 @@ def _math_item(row: dict[str, Any], where: str, index: int) -> PromptItem:
         if ground_truth is None:
             raise DataError(f"{where}: 'solution' has no complete \\boxed{{...}} answer and there is no 'answer'")
     return PromptItem(prompt=problem, ground_truth=ground_truth, source="math", index=index, meta=meta)
+
+
+def _reject_constant(name: str):
+    """JSON's non-standard NaN / Infinity (Python's json reads them as floats): never a gold answer or a value."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to {value}")
+    return value
 
 
 def _field(row: dict[str, Any], key: str, kind, where: str, name: str | None = None):

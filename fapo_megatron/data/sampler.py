@@ -72,3 +72,10 @@ class PromptSampler(Generic[T]):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+
+def prompt_shard(num_prompts: int, shard: int, num_shards: int) -> range:
+    """Contiguous, balanced share `shard` of `num_prompts` prompts."""
+    base, extra = divmod(num_prompts, num_shards)
+    start = shard * base + min(shard, extra)
+    return range(start, start + base + (1 if shard < extra else 0))

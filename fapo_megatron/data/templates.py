@@ -5,6 +5,7 @@ The warm-up, the trainer and validation all render through this one function.
 
 from __future__ import annotations
 
+from fapo_megatron.config import Config
 from fapo_megatron.data.items import PromptItem
 
 
@@ -21,3 +22,16 @@ def encode_prompt(item: PromptItem, tokenizer) -> list[int]:
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
+
+
+def load_tokenizer(cfg: Config):
+    """The policy's tokenizer: model.tokenizer, else model.path, else the arithmetic task's character tokenizer
+    (what the random tiny policy speaks)."""
+    path = cfg.model.tokenizer or cfg.model.path
+    if not path:
+        from fapo_megatron.data.arith_tokenizer import arith_tokenizer
+
+        return arith_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

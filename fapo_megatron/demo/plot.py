@@ -1,16 +1,20 @@
-"""The demo's picture: accuracy and flawed-positive share over training steps, one line per run."""
+"""The demo's picture: the FAPO-vs-GRPO story per training step, one line per run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fapo_megatron.metrics import read_metrics
+from fapo_megatron.demo.report import moving_average, run_records, series
 
 PANELS = (
-    ("reward/accuracy", "train accuracy (rollouts)"),
-    ("reward/flawed_positive_share", "flawed-positive share (train)"),
-    ("val/clean_accuracy", "val accuracy, flawless solutions only"),
+    ("reward/accuracy", "train accuracy (rollouts)", None),
+    ("reward/flawed_positive_share", "flawed-positive share (train)", None),
+    ("val/clean_accuracy", "val accuracy, flawless solutions only", None),
+    ("progress/mean_rho", "mean rho = clean / wrong (per group)", 1.0),
+    ("progress/flawed_positive_advantage_share", "flawed positives with advantage > 0", 0.5),
+    ("response/length_mean", "response length (tokens)", None),
 )
+"""(metric, title, reference line): rho's turn at 1, the advantage sign's at one half."""
 
 
 def plot_runs(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 3) -> Path:
@@ -20,30 +24,26 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path, smooth: int = 3)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.2))
+    axes = axes.ravel()
     for label, run_dir in runs.items():
-        records = read_metrics(Path(run_dir) / "metrics.jsonl")
-        for ax, (key, title) in zip(axes, PANELS):
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if not points:
-                continue
-            steps, values = zip(*points)
-            ax.plot(steps, _moving_average(values, smooth if key.startswith("reward/") else 1), label=label, lw=2)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-    for ax in axes:
+        records = run_records(run_dir)
+        for ax, (key, _, _) in zip(axes, PANELS):
+            points = series(records, key)
+            if points:
+                steps, values = zip(*points)
+                window = 1 if key.startswith("val/") else smooth
+                ax.plot(steps, moving_average(values, window), label=label, lw=2)
+    for ax, (_, title, reference) in zip(axes, PANELS):
+        if reference is not None:
+            ax.axhline(reference, color="grey", ls="--", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"train curves: moving average over {smooth} steps")
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
-
-
-def _moving_average(values, window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out

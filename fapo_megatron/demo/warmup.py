@@ -1,10 +1,15 @@
 """Warm-up of the CPU demo's tiny policy: a short supervised run on arithmetic-chain solutions.
 
 RL needs a policy that sometimes gets the answer right, and FAPO needs one that sometimes gets it right for
-the wrong reasons. So the warm-up data mixes clean solutions with flawed ones that still box the right answer
-(a silently fixed slip, a skipped step, a bare guess) and some wrong ones, in roughly the proportions the paper
-reports for real models (about a third of positives flawed). The result is a normal HF checkpoint
-(safetensors + tokenizer) that the Megatron actor and the embedded engine load like any other model.
+the wrong reasons. So the warm-up data mixes clean solutions, flawed ones that still box the right answer and
+wrong ones. Every chain holds a trivial step (x 1 or + 0) and the flaws are the shortcuts there
+(`data.arith.SHORTCUT_FLAWS`: the step skipped, stated as a bare number, or its result miswritten and ignored),
+which cost this policy no accuracy, so only a flaw-aware reward tells them apart from clean solutions. The
+mixture sets where RL starts: 40 % of the positives flawed (the paper reports 20-40 % for real models), and
+more wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's warm-up phase, where a
+flawed positive still earns a positive advantage) and crosses 1 as RL lifts the accuracy. The result is a
+normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the embedded engine load like any
+other model.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from fapo_megatron.data.arith import FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER, arith_solution, make_arith_items
+from fapo_megatron.data.arith import (
+    FLAWS_WITH_CORRECT_ANSWER,
+    SHORTCUT_FLAWS,
+    WRONG_ANSWER,
+    arith_solution,
+    make_arith_items,
+)
 from fapo_megatron.data.arith_tokenizer import arith_tokenizer
 from fapo_megatron.data.templates import encode_prompt
 
@@ -35,8 +46,10 @@ class WarmupConfig:
     max_steps: int = 3
     max_value: int = 20
     max_operand: int = 5
-    clean_share: float = 0.55
-    flawed_share: float = 0.30
+    identity_steps: int = 1
+    """Trivial steps per chain (data.arith_identity_steps of the RL run); with any, the flaws are SHORTCUT_FLAWS."""
+    clean_share: float = 0.36
+    flawed_share: float = 0.24
     """The rest are wrong-answer solutions."""
     steps: int = 1200
     batch_size: int = 32
@@ -75,14 +88,16 @@ def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
         max_steps=cfg.max_steps,
         max_value=cfg.max_value,
         max_operand=cfg.max_operand,
+        identity_steps=cfg.identity_steps,
     )
+    flaws = SHORTCUT_FLAWS if cfg.identity_steps else FLAWS_WITH_CORRECT_ANSWER
     examples = []
     for item in items:
         draw = rng.random()
         if draw < cfg.clean_share:
             flaw = None
         elif draw < cfg.clean_share + cfg.flawed_share:
-            flaw = rng.choice(FLAWS_WITH_CORRECT_ANSWER)
+            flaw = rng.choice(flaws)
         else:
             flaw = WRONG_ANSWER
         prompt_ids = encode_prompt(item, tokenizer)

@@ -1,1 +1,2 @@
-"""Generation backends behind one protocol (engines/base.py): SGLang for GPU clusters, embedded HF for anywhere."""
+"""Generation backends behind one protocol (fapo_megatron/engine_protocol.py): SGLang for GPU clusters, embedded
+HF for anywhere."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fapo_megatron.engines.base import Engine, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import Engine, Generation, SamplingParams, WeightBucket
 
 PHASES = ("rollout", "switch_to_genrm", "genrm", "release_genrm", "train", "push_weights", "resume_rollout")
 

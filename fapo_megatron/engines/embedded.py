@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from fapo_megatron.engines.base import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
 
 
 class EmbeddedEngine(Engine):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fapo_megatron.engines.base import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
 from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors

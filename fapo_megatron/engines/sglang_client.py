@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from fapo_megatron.engines.base import EngineError
+from fapo_megatron.engine_protocol import EngineError
 
 
 class ServerUnreachable(EngineError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fapo_megatron.engines.base import EngineError, WeightBucket
+from fapo_megatron.engine_protocol import EngineError, WeightBucket
 from fapo_megatron.engines.sglang_client import SGLangClient
 from fapo_megatron.engines.weight_sync import flatten_bucket, serialize_flattened_bucket, tensor_bytes
 

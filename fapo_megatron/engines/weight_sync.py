@@ -25,7 +25,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import torch
 
-from fapo_megatron.engines.base import WeightBucket
+from fapo_megatron.engine_protocol import WeightBucket
 
 MB = 1 << 20
 ALIGN_BYTES = 16

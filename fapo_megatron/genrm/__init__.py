@@ -8,5 +8,6 @@ client.py        GenRMClient: concurrency, per-request timeout, batch deadline, 
 program_judge.py exact step checker for the arithmetic-chain task (same interface)
 build.py         build_judge(cfg.genrm, engine): the judge a config asks for
 reward.py        the GenRM's own RL reward (step distance)
+task.py          the GenRM training task: step-labelled prompts, responses scored against the labels
 processbench.py  ProcessBench-format data and ProcessBench / FlawedPositiveBench metrics
 """

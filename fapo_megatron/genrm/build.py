@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fapo_megatron.config import GenRMConfig
-from fapo_megatron.engines.base import Engine
+from fapo_megatron.engine_protocol import Engine
 from fapo_megatron.genrm.client import GenRMClient
-from fapo_megatron.genrm.prompt import render_chatml
+from fapo_megatron.genrm.prompt import render_chatml, render_with_tokenizer
 from fapo_megatron.genrm.transports import (
     EngineTransport,
     Messages,
@@ -73,7 +73,7 @@ def engine_chat_renderer(engine: Engine) -> RenderFn:
     def render(messages: Messages) -> str:
         tokenizer = getattr(engine, "tokenizer", None)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_with_tokenizer(tokenizer, messages)
         return render_chatml(messages)
 
     return render
@@ -87,4 +87,4 @@ def _local_tokenizer_renderer(model_path: str) -> RenderFn | None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not getattr(tokenizer, "chat_template", None):
         return None
-    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return lambda messages: render_with_tokenizer(tokenizer, messages)

@@ -2,7 +2,9 @@
 
 Every request gets exactly one verdict, in order. What could not be had is reported as such (timeout, error,
 unavailable, unparseable) and counted; it is never turned into a "clean" verdict. Retries use exponential
-backoff and stop at the deadline; `judge` returns by the deadline (plus a small grace) even if the server hangs.
+backoff and stop at the deadline; every HTTP call is bounded as a whole (`http_deadline`), so `judge` returns by the
+deadline even if the server hangs or trickles bytes (a streamed request sent before the wait began is bounded by
+`request_timeout_s` and may finish in the background after `collect` returned).
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ items) and when it is queried about rollouts, so an index means the same step in
 The prompt text follows the FAPO authors' ProcessBench-with-ground-truth critique prompt (FAPO / verl
 FAPO recipe, Apache-2.0), which FAPO-GenRM-4B was trained and evaluated with: paragraphs are tagged
 `<paragraph_i>` from 0 and the model answers in `\\boxed{}` with the earliest wrong index or -1.
+
+The solution is the policy's text, and RL finds any way to steer its judge: before it enters the prompt it is
+neutralised (`neutralise`), so it can neither forge the step structure (`</paragraph_1>`) nor a chat turn
+(`<|im_end|><|im_start|>assistant`, or any special token of the judge's tokenizer, escaped again at rendering).
 """
 
 from __future__ import annotations
@@ -26,6 +30,38 @@ GENRM_TEMPLATE = (
     "of -1 (which typically denotes 'not found').\n\n"
     "Please reason step by step, put your final answer (i.e., the index) in \\boxed{{}}."
 )
+
+_STEP_TAG = re.compile(r"<\s*/?\s*paragraph_\s*\d+\s*>", re.IGNORECASE)
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|\n]{0,64}\|>|<\uff5c[^<>\uff5c\n]{0,64}\uff5c>")
+"""ChatML / Llama-3 `<|...|>` and DeepSeek `<｜...｜>` control strings."""
+CHAT_CONTROL_STRINGS = ("<think>", "</think>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+"""Other strings chat templates of common judge models give a meaning (the tokenizer's own are added at render)."""
+
+
+def _escape_angles(match: re.Match) -> str:
+    return match.group(0).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _defuse(token: str) -> str:
+    """`token` as text no tokenizer reads as the token: `<` as `&lt;`, else a zero-width space after the first
+    character."""
+    return "&lt;" + token[1:] if token.startswith("<") else token[0] + "\u200b" + token[1:]
+
+
+def neutralise(text: str) -> str:
+    """Untrusted text (a policy's solution) made inert inside a judge prompt: step tags and chat control strings
+    escaped, everything else unchanged."""
+    return escape_control_strings(_STEP_TAG.sub(_escape_angles, text))
+
+
+def escape_control_strings(text: str, reserved: Sequence[str] = ()) -> str:
+    """Chat control strings, and `reserved` (a tokenizer's special tokens), escaped in a message's text."""
+    text = _CONTROL_TOKEN.sub(_escape_angles, text)
+    for token in sorted({*CHAT_CONTROL_STRINGS, *reserved}, key=len, reverse=True):
+        if token and token in text:
+            text = text.replace(token, _defuse(token))
+    return text
+
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 STEP_JOINER = "\n\n"
@@ -83,11 +119,13 @@ def tag_steps(steps: Sequence[str]) -> str:
 
 
 def build_genrm_prompt(problem: str, steps: Sequence[str], ground_truth: str) -> str:
-    """The user message asking for the earliest wrong paragraph of `steps` (or -1)."""
+    """The user message asking for the earliest wrong paragraph of `steps` (or -1); the steps are neutralised."""
     if not steps:
         raise ValueError("build_genrm_prompt: the solution has no steps (empty or blank text)")
     return GENRM_TEMPLATE.format(
-        problem=problem.strip(), ground_truth=str(ground_truth).strip(), tagged_response=tag_steps(steps)
+        problem=problem.strip(),
+        ground_truth=str(ground_truth).strip(),
+        tagged_response=tag_steps([neutralise(step) for step in steps]),
     )
 
 
@@ -100,6 +138,15 @@ def render_chatml(messages: Sequence[dict[str, str]]) -> str:
     """Qwen's ChatML layout with the assistant turn opened, for engines fed raw text without a tokenizer template.
 
     FAPO-GenRM-4B is a Qwen3 model; prefer the tokenizer's own `apply_chat_template` when it is at hand.
+    Control strings inside a message are escaped: only the layout's own delimit turns.
     """
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    turns = "".join(f"<|im_start|>{m['role']}\n{escape_control_strings(m['content'])}<|im_end|>\n" for m in messages)
     return turns + "<|im_start|>assistant\n"
+
+
+def render_with_tokenizer(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """The tokenizer's chat template with the assistant turn opened; the tokenizer's special and added tokens are
+    escaped inside the messages first, so only the template's own become special tokens."""
+    reserved = [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]
+    safe = [{**m, "content": escape_control_strings(m["content"], reserved)} for m in messages]
+    return tokenizer.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)

@@ -7,14 +7,15 @@ tell the client whether to retry and how to report the failure. Transports do no
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import requests
-
-from fapo_megatron.engines.base import Engine, EngineError, SamplingParams
+from fapo_megatron import http_deadline
+from fapo_megatron.engine_protocol import Engine, EngineError, SamplingParams
 from fapo_megatron.genrm.prompt import render_chatml
 from fapo_megatron.genrm.types import VerdictStatus
 
@@ -96,20 +97,20 @@ class EngineTransport:
 
 
 def _post_json(url: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """POST and decode JSON, mapping every failure onto a TransportError."""
+    """POST and decode JSON within `timeout_s` for the whole request, mapping every failure onto a TransportError."""
     try:
-        response = requests.post(url, json=payload, timeout=(min(timeout_s, 10.0), timeout_s))
-    except requests.Timeout as err:
-        raise TransportTimeout(f"{url}: no answer within {timeout_s:.1f}s") from err
-    except requests.RequestException as err:
+        response = http_deadline.request("POST", url, payload, timeout_s=timeout_s)
+    except http_deadline.DeadlineExceeded as err:
+        raise TransportTimeout(f"{url}: no complete answer within {timeout_s:.1f}s") from err
+    except (OSError, http.client.HTTPException) as err:
         raise TransportUnavailable(f"{url}: {type(err).__name__}: {err}") from err
-    if response.status_code != 200:
+    if response.status != 200:
         body = response.text[:200]
-        if response.status_code in (408, 429) or response.status_code >= 500:
-            raise TransportError(f"{url}: HTTP {response.status_code}: {body}")
-        raise TransportRejected(f"{url}: HTTP {response.status_code}: {body}")
+        if response.status in (408, 429) or response.status >= 500:
+            raise TransportError(f"{url}: HTTP {response.status}: {body}")
+        raise TransportRejected(f"{url}: HTTP {response.status}: {body}")
     try:
-        data = response.json()
+        data = json.loads(response.body)
     except ValueError as err:
         raise TransportRejected(f"{url}: response is not JSON: {response.text[:200]!r}") from err
     if not isinstance(data, dict):

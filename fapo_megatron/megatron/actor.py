@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -32,8 +34,11 @@ from fapo_megatron.megatron import model as mcore
 from fapo_megatron.megatron import platform
 from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logprobs
 from fapo_megatron.megatron.offload import StateOffloader
+from fapo_megatron.megatron.packing import packed_micro_batches, padded_micro_batches, unpack
 from fapo_megatron.models import hf_mapping, registry
 
+logger = logging.getLogger(__name__)
+_LOSS_METRICS = ("pg_loss", "kl_loss", "entropy_loss")
 _SUM_METRICS = ("pg_loss", "kl_loss", "entropy_loss", "local_num_tokens", "local_num_sequences")
 _MAX_METRICS = ("tis_ratio_max",)
 
@@ -72,6 +77,10 @@ class MegatronActor:
             # megatron's torch-compiled SwiGLU and bias-dropout-add: +13 % tokens/s on an H200 (RESULTS.md)
             bias_activation_fusion=not platform.on_cpu(),
             bias_dropout_fusion=not platform.on_cpu(),
+            # packs differ in length: pipeline stages exchange each one's shape first (megatron refuses that with
+            # its default MoE dispatcher even in a dense model; alltoall is inert without experts)
+            variable_seq_lengths=par.max_tokens_per_micro_batch > 0,
+            moe_token_dispatcher_type="alltoall",
         )
         self.model = mcore.build_gpt_model(self.spec, self.config, self.layout)
         if cfg.model.path:
@@ -182,27 +191,18 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _micro_batches(self, batch: TrainBatch, rows_multiple: int) -> tuple[list[dict], int, int]:
-        """This DP rank's micro-batches (dicts of device tensors), the padded length S and its real row count."""
-        lay, mbs = self.layout, self.cfg.parallel.micro_batch_size
-        multiple = lay.tp if self.cfg.parallel.sequence_parallel else 1
-        batch = _pad_columns(batch.trimmed(multiple), multiple)
-        real = len(batch)
-        if real % rows_multiple:
-            batch = _pad_rows(batch, rows_multiple - real % rows_multiple)
-        local = batch.shard(lay.dp_rank, lay.dp).to(platform.device())
-        seq = local.tokens.shape[1]
-        positions = torch.arange(seq, device=platform.device()).expand(mbs, seq)
-        micro = []
-        for chunk in local.chunks(mbs):
-            item = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
-            item["position_ids"] = positions[: len(chunk)]
-            micro.append(item)
-        return micro, seq, real
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[dict], int]:
+        """This DP rank's micro-batches (see megatron/packing.py) and their longest sequence length."""
+        lay, par = self.layout, self.cfg.parallel
+        multiple = lay.tp if par.sequence_parallel else 1
+        where = dict(dp=lay.dp, dp_rank=lay.dp_rank, multiple=multiple, device=platform.device())
+        if par.max_tokens_per_micro_batch:
+            return packed_micro_batches(batch, budget=par.max_tokens_per_micro_batch, **where)
+        return padded_micro_batches(batch, rows_per_micro_batch=par.micro_batch_size, **where)
 
     def _forward_step(self, loss_func, data_iterator, model):
         item = next(data_iterator)
-        output = model(item["tokens"], item["position_ids"], None)
+        output = model(item["tokens"], item["position_ids"], None, packed_seq_params=item.get("packed_seq_params"))
         return output, partial(loss_func, item)
 
     def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float, entropy_grad: bool = False):
@@ -210,7 +210,7 @@ class MegatronActor:
         logprobs, entropy = vocab_parallel_logprobs(
             logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad
         )
-        return align_to_tokens(logprobs), align_to_tokens(entropy)
+        return unpack(item, align_to_tokens(logprobs)), unpack(item, align_to_tokens(entropy))
 
     def _run(self, micro: list[dict], seq: int, loss_func, forward_only: bool) -> list[dict]:
         return get_forward_backward_func()(
@@ -219,7 +219,7 @@ class MegatronActor:
             model=[self.ddp],
             num_microbatches=len(micro),
             seq_length=seq,
-            micro_batch_size=self.cfg.parallel.micro_batch_size,
+            micro_batch_size=len(micro[0]["tokens"]),
             forward_only=forward_only,
         )
 
@@ -228,7 +228,7 @@ class MegatronActor:
         """(log-probs, entropy), each [B, S] float32 on CPU, of softmax(logits / temperature); position t is about
         token t given tokens[:t]; 0 at column 0 and on padding."""
         lay = self.layout
-        micro, seq, real = self._micro_batches(batch, lay.dp * self.cfg.parallel.micro_batch_size)
+        micro, seq = self._micro_batches(batch)
 
         def collect(item, logits):
             logprobs, entropy = self._token_logprobs(item, logits, temperature)
@@ -237,20 +237,18 @@ class MegatronActor:
         self.ddp.eval()
         store = self._run(micro, seq, collect, forward_only=True)
         self.ddp.train()
-        rows = sum(len(m["tokens"]) for m in micro)
-        if lay.is_last_stage:
-            local = torch.stack([torch.cat([s[k] for s in store]) for k in ("logprobs", "entropy")])
-        else:
-            local = torch.empty(2, rows, seq, device=platform.device())
+        # every row is computed on one DP rank: the others add zeros
+        out = torch.zeros(2, len(batch), batch.tokens.shape[1], device=platform.device())
+        for item, values in zip(micro, store if lay.is_last_stage else []):
+            real = item["rows"] >= 0
+            both = torch.stack([values["logprobs"], values["entropy"]])[:, real]
+            width = min(both.shape[2], out.shape[2])
+            out[:, item["rows"][real].to(out.device), :width] = both[:, :, :width]
         if lay.pp > 1:
             pp_group = parallel_state.get_pipeline_model_parallel_group()
-            dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-        gathered = [torch.empty_like(local) for _ in range(lay.dp)]
-        dist.all_gather(gathered, local, group=parallel_state.get_data_parallel_group())
-        both = torch.cat(gathered, dim=1)[:, :real].cpu()
-        width = min(seq, batch.tokens.shape[1])
-        out = torch.zeros(2, real, batch.tokens.shape[1])
-        out[:, :, :width] = both[:, :, :width]
+            dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+        out = out.cpu()
         valid = batch.attention_mask.clone()
         valid[:, 0] = False
         out = out * valid.to(out.dtype)
@@ -275,24 +273,56 @@ class MegatronActor:
                 self.step += 1
         out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         out["lr"] = history[-1]["lr"]
+        applied = [h["grad_norm"] for h in history if not h["skipped_non_finite"]]
+        out["grad_norm"] = sum(applied) / len(applied) if applied else math.nan
+        out["skipped_non_finite"] = sum(h["skipped_non_finite"] for h in history)
         out["optimizer_steps"] = float(len(history))
         return out
 
     def _train_mini_batch(self, mini: TrainBatch) -> dict[str, float]:
-        lay, algo = self.layout, self.cfg.algorithm
+        algo = self.cfg.algorithm
         token_mean = algo.loss_agg_mode == "token-mean"
         normaliser = mini.num_response_tokens if token_mean else mini.num_response_sequences
-        # Rollouts dropped by the unavailable-verdict policy leave uneven mini-batches: pad with uncounted rows.
-        micro, seq, _ = self._micro_batches(mini, lay.dp * self.cfg.parallel.micro_batch_size)
+        # Rollouts dropped by the unavailable-verdict policy leave uneven mini-batches: padded with uncounted rows.
+        micro, seq = self._micro_batches(mini)
         loss_func = partial(self._ppo_loss_func, max(normaliser, 1), token_mean)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = self._run(micro, seq, loss_func, forward_only=False)
+        metrics = self._reduce_metrics(store)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if not self._update_is_finite(metrics):
+            return self._non_finite_update(metrics)
         self.scheduler.step(increment=1)
         _, grad_norm, _ = self.optimizer.step()
-        metrics = self._reduce_metrics(store)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["skipped_non_finite"] = 0.0
+        return metrics
+
+    def _update_is_finite(self, metrics: dict[str, float]) -> bool:
+        """Loss and every rank's gradients finite? (A NaN or inf gradient anywhere makes the global norm
+        non-finite, and Megatron's clipping would then write NaN into every weight.) Same answer on every rank."""
+        bad = any(not math.isfinite(metrics[name]) for name in _LOSS_METRICS if name in metrics)
+        for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            bad = bad or not bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([1.0 if bad else 0.0], device=platform.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _non_finite_update(self, metrics: dict[str, float]) -> dict[str, float]:
+        """optim.on_non_finite: stop before the update (weights, optimizer and checkpoints stay as they were), or
+        skip it and count it."""
+        losses = ", ".join(f"{name} {metrics[name]:.4g}" for name in _LOSS_METRICS if name in metrics)
+        if self.cfg.optim.on_non_finite == "stop":
+            raise FloatingPointError(
+                f"optimizer step {self.step + 1}: non-finite loss or gradient ({losses}); the update was not "
+                "applied and the last checkpoint is intact (optim.on_non_finite=skip skips such updates instead)"
+            )
+        logger.warning("optimizer step %d: non-finite loss or gradient (%s); update skipped", self.step + 1, losses)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics["grad_norm"] = float("nan")
+        metrics["skipped_non_finite"] = 1.0
         return metrics
 
     def _ppo_loss_func(self, normaliser: int, token_mean: bool, item: dict, logits_BSV: torch.Tensor):
@@ -411,18 +441,3 @@ def _broadcast_names(names: list[str], src: int, group) -> list[str]:
     box = [names]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
-
-
-def _pad_rows(batch: TrainBatch, extra: int) -> TrainBatch:
-    """Append `extra` copies of the last row with nothing counted (fills the DP x micro-batch grid)."""
-    index = torch.cat([torch.arange(len(batch)), torch.full((extra,), len(batch) - 1)])
-    padded = batch.select(index)
-    padded.response_mask[len(batch) :] = 0
-    return padded
-
-
-def _pad_columns(batch: TrainBatch, multiple: int) -> TrainBatch:
-    extra = -batch.tokens.shape[1] % multiple
-    if extra == 0:
-        return batch
-    return batch._map(lambda t: torch.nn.functional.pad(t, (0, extra)) if t.dim() == 2 else t)

@@ -6,8 +6,10 @@ Layout of a checkpoint root:
                        meta.json  step, parallel layout, HF config, scheduler state
                        extra.pt   the caller's extra state (e.g. the data position)
                        rng/rank<r>.pt  this rank's RNG states (restored when the layout is unchanged)
+                       checksums.json  CRC-32 and size of every file (verified before a load)
 A checkpoint is written into `step_N.tmp` and renamed when every rank has finished, so a crash never leaves a
-half-written checkpoint behind `latest`. Model weights reshard to any TP/PP on load; optimizer state reshards
+half-written checkpoint behind `latest`; loads take the newest complete step folder (checkpoint_files.py), `latest`
+being only a hint. Model weights reshard to any TP/PP on load; optimizer state reshards
 over DP, and also over TP/PP when the non-distributed optimizer wrote it (the distributed optimizer's
 dp-reshardable format is tied to its TP/PP layout: such a load restarts the optimizer moments, and says so).
 A checkpoint whose meta.json says `weights_only` (what `fapo-megatron convert hf-to-megatron` writes) holds only the
@@ -28,13 +30,21 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
+from fapo_megatron.megatron.checkpoint_files import (
+    LATEST,
+    CheckpointError,
+    resolve_checkpoint,
+    torch_save,
+    verify_checksums,
+    write_checksums,
+)
+
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint holds another model: the message names the first tensor that differs."""
 
 
@@ -93,7 +103,7 @@ def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=True), str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
+    torch_save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
     if rank0:
         meta = {
             "step": actor.step,
@@ -102,26 +112,34 @@ def save_checkpoint(actor, root: str | Path, extra_state: dict) -> Path:
             "scheduler": actor.scheduler.state_dict(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        torch.save(extra_state, tmp / "extra.pt")
+        torch_save(extra_state, tmp / "extra.pt")
     dist.barrier()
     if rank0:
-        shutil.rmtree(final, ignore_errors=True)
+        write_checksums(tmp)
+        replaced = root / (final.name + ".old")
+        if final.exists():  # the same step saved again: the old copy stays complete until the new one is in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(final.name)
         os.replace(pointer, root / LATEST)
+        shutil.rmtree(replaced, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a root whose `latest` names one."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no meta.json) and no '{LATEST}' pointer")
-    return path
+def _verify_on_rank0(folder: Path) -> None:
+    """Rank 0 checks the files' checksums; every rank raises the same error when one differs."""
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            verify_checksums(folder)
+        except CheckpointError as err:
+            error = [str(err)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
 
 
 def checkpoint_hf_config(path: str | Path) -> dict:
@@ -190,6 +208,7 @@ def load_checkpoint(actor, path: str | Path) -> dict:
     """Restore the actor from a checkpoint (folder or root with `latest`); returns the saved extra state ({} for a
     weights-only checkpoint, which restores the model weights only)."""
     folder = resolve_checkpoint(path)
+    _verify_on_rank0(folder)
     meta = json.loads((folder / "meta.json").read_text())
     _check_compatible(actor, folder)
     if meta.get("weights_only"):

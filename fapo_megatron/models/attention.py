@@ -6,6 +6,8 @@ the same constructor and call contract but hands the work to SDPA (flash / memor
 with grouped-query attention done by the kernel instead of repeating K/V.
 
 Shapes (megatron's layout): query [sq, b, heads, d], key/value [sk, b, groups, d] -> output [sq, b, heads * d].
+Packed sequences (`thd`, PackedSeqParams.cu_seqlens): query [t, heads, d], key/value [t, groups, d] -> [t, heads * d],
+each sequence attending causally to itself only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from megatron.core.utils import divide
 
 class SDPACoreAttention(MegatronModule):
     """Causal self-attention over right-padded sequences (padding sits after every real token, so it never
-    reaches a real token's output and needs no mask)."""
+    reaches a real token's output and needs no mask) or over packed ones (one causal kernel call per sequence:
+    the block-diagonal causal mask without building it, and no work on the blocks it would zero)."""
 
     def __init__(
         self,
@@ -56,12 +59,28 @@ class SDPACoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPACoreAttention takes neither attention_bias nor packed sequences")
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention takes no attention_bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         seq_len, batch = query.shape[0], query.shape[1]
         # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
+        out = self._causal(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))
+        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.num_heads * self.head_dim)
+
+    def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPACoreAttention packs only the thd format, got {packed_seq_params.qkv_format!r}")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # [l, h, d] -> [1, h, l, d]
+            q, k, v = (t[start:end].permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
+            pieces.append(self._causal(q, k, v)[0].permute(1, 0, 2))
+        return torch.cat(pieces).reshape(query.shape[0], self.num_heads * self.head_dim)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -70,7 +89,6 @@ class SDPACoreAttention(MegatronModule):
             scale=self.softmax_scale,
             enable_gqa=self.num_heads != self.num_groups,
         )
-        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.num_heads * self.head_dim)
 
 
 def _tp_world_size() -> int:

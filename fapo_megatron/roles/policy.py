@@ -17,20 +17,9 @@ import torch
 
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.config import Config, from_dict
-from fapo_megatron.engines.base import Engine, Generation, SamplingParams
-
-
-def load_tokenizer(cfg: Config):
-    """The policy's tokenizer: model.tokenizer, else model.path, else the arithmetic task's character tokenizer
-    (what the random tiny policy speaks)."""
-    path = cfg.model.tokenizer or cfg.model.path
-    if not path:
-        from fapo_megatron.data.arith_tokenizer import arith_tokenizer
-
-        return arith_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+from fapo_megatron.data.sampler import prompt_shard
+from fapo_megatron.data.templates import load_tokenizer
+from fapo_megatron.engine_protocol import Engine, Generation, SamplingParams
 
 
 def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) -> Engine:
@@ -78,13 +67,6 @@ def _dtype(cfg: Config) -> torch.dtype:
 def engine_ranks(world_size: int, rollout_tp: int) -> list[int]:
     """Ranks hosting a rollout engine: the first rank of every `rollout_tp` consecutive devices."""
     return list(range(0, world_size, rollout_tp))
-
-
-def prompt_shard(num_prompts: int, shard: int, num_shards: int) -> range:
-    """Contiguous, balanced share `shard` of `num_prompts` prompts."""
-    base, extra = divmod(num_prompts, num_shards)
-    start = shard * base + min(shard, extra)
-    return range(start, start + base + (1 if shard < extra else 0))
 
 
 class PolicyWorker:

@@ -68,8 +68,8 @@ def test_bad_inputs_name_the_tensor():
         fapo_rewards(CORRECT, FLAWED, AVAILABLE[:2])
     with pytest.raises(ValueError, match="unavailable_policy"):
         fapo_rewards(CORRECT, FLAWED, unavailable_policy="ignore")
-    with pytest.raises(ValueError, match="response_lengths"):
-        fapo_rewards(CORRECT, FLAWED, overlong_buffer=4)
+    with pytest.raises(ValueError, match="overlong"):
+        fapo_rewards(CORRECT, FLAWED, overlong=torch.zeros(2))
 
 
 def test_overlong_penalty_boundaries():
@@ -86,8 +86,6 @@ def test_overlong_added_to_fapo_rewards():
     correct = torch.tensor([T, T, F])
     flawed = torch.tensor([F, T, F])
     lengths = torch.tensor([80, 100, 90])
-    result = fapo_rewards(
-        correct, flawed, response_lengths=lengths, max_response_tokens=100, overlong_buffer=20, overlong_factor=1.0
-    )
+    result = fapo_rewards(correct, flawed, overlong=overlong_penalty(lengths, 100, 20, factor=1.0))
     assert result.rewards.tolist() == pytest.approx([1.0, -1.0, -1.5])
     assert result.outcome.tolist() == [1.0, 1.0, -1.0]

@@ -190,9 +190,8 @@ def test_cpu_run_reports_no_mfu_and_skip_first(tmp_path):
 def test_replayed_prompt_tokens_count_each_prompt_n_times(tmp_path):
     """One batch per epoch (batch = all items): every step sees every prompt once, in a new order."""
     from fapo_megatron.bench.replay import replay_prompt_tokens
-    from fapo_megatron.data.from_config import load_train_val
-    from fapo_megatron.data.templates import encode_prompt
-    from fapo_megatron.roles.policy import load_tokenizer
+    from fapo_megatron.data.templates import encode_prompt, load_tokenizer
+    from fapo_megatron.run_setup import load_train_val
 
     cfg = load_config(None, [*OVERRIDES, "data.arith_num_train=4"])
     train, _ = load_train_val(cfg.data)

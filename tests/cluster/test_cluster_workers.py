@@ -9,9 +9,10 @@ import ray
 import torch
 import torch.distributed as dist
 
+from fapo_megatron.cluster.bundles import PoolTimeoutError, create_pool
 from fapo_megatron.cluster.dist_env import init_distributed_from_env
 from fapo_megatron.cluster.placement import PoolSpec
-from fapo_megatron.cluster.pools import PoolTimeoutError, create_pool, ray_session
+from fapo_megatron.cluster.pools import ray_session
 from fapo_megatron.cluster.workers import WorkerError, WorkerGroup
 from fapo_megatron.config import load_config
 
@@ -47,6 +48,20 @@ class Summer:
 class Crasher:
     def die(self):
         os._exit(3)
+
+
+class ManagerOwner:
+    """Starts a multiprocessing Manager server, as megatron-core's checkpoint writer does for its results queue."""
+
+    def start_manager(self) -> int:
+        import multiprocessing
+
+        self.queue = multiprocessing.get_context("spawn").Manager().Queue()
+        (server,) = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        return server.pid
+
+    def die(self):
+        os.kill(os.getpid(), 9)
 
 
 class BrokenInit:
@@ -106,6 +121,21 @@ def test_a_dying_worker_is_named_and_its_group_shuts_down(session):
     crashers.shutdown()
     with pytest.raises(RuntimeError, match="'rollout' was shut down"):
         crashers.call("die")
+
+
+def test_children_of_a_killed_worker_do_not_outlive_it(session):
+    """SIGKILL gives a worker no chance to stop its children; the raylet, made their subreaper, kills them."""
+    owners = WorkerGroup("actor", ManagerOwner, session.pools["actor"], 1, share=0.25)
+    (manager_pid,) = owners.call("start_manager")
+    with pytest.raises(WorkerError, match="worker process died"):
+        owners.call("die")
+    owners.shutdown()
+    try:
+        psutil.Process(manager_pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        pytest.fail(f"the killed worker's child {manager_pid} is still running")
 
 
 def test_a_worker_failing_in_init_is_named(session):

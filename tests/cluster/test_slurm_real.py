@@ -43,6 +43,7 @@ def submit_chain(slurm, tmp: Path, *overrides: str, flags: tuple[str, ...] = ())
         f"trainer.output_dir={tmp / 'run'}",
         f"slurm.tmpdir={tmp / 't'}",
         "slurm.env=[RAY_AUTH_MODE=disabled]",
+        "slurm.socket_ifname=lo",  # test traffic stays on 127.0.0.1, Ray included
         f"slurm.ray_port={ray_port}",
         f"slurm.preflight_port={preflight_port}",
         "slurm.min_free_disk_gb=0.1",
@@ -103,6 +104,7 @@ def test_preflight_only_chain_brings_up_ray_on_both_nodes(slurm, short_tmp):
     assert "all-reduce of 1 MiB over 2 tasks" in log
     assert "node1 2 CPU, node2 2 CPU" in log  # both emulated nodes joined the Ray cluster with their CPUs
     assert "fapo: preflight-only job" in log
+    assert "fapo: Ray head at 127.0.0.1:" in log
 
 
 def test_requeue_if_needed_requeues_a_real_job_and_names_a_missing_one(slurm):

@@ -7,12 +7,14 @@ import pytest
 
 from fapo_megatron.data import (
     FLAWS_WITH_CORRECT_ANSWER,
+    SHORTCUT_FLAWS,
     WRONG_ANSWER,
     arith_solution,
     first_wrong_step,
     make_arith_items,
     parse_problem,
 )
+from fapo_megatron.data.arith import IDENTITY_OPS
 from fapo_megatron.genrm.prompt import split_steps
 from fapo_megatron.verify import answers_match, extract_boxed
 
@@ -131,3 +133,36 @@ def test_flawed_solution_is_reproducible_without_rng():
     assert arith_solution(PROBLEM, flaw="guessed") == BOX
     with pytest.raises(ValueError, match="flaw"):
         arith_solution(PROBLEM, flaw="typo")
+
+
+def test_identity_steps_insert_trivial_operations_without_changing_the_chain():
+    plain = make_arith_items(80, seed=5, min_steps=2, max_steps=3, max_value=20, max_operand=5)
+    trivial = make_arith_items(80, seed=5, min_steps=2, max_steps=3, max_value=20, max_operand=5, identity_steps=1)
+    for item in trivial:
+        ops = [tuple(op) for op in item.meta["ops"]]
+        assert sum(op in IDENTITY_OPS for op in ops) == 1
+        assert 3 <= len(ops) <= 4
+        real = [op for op in ops if op not in IDENTITY_OPS]
+        assert item.ground_truth == str(_evaluate(item.meta["start"], real))
+    assert not any(tuple(op) in IDENTITY_OPS for item in plain for op in item.meta["ops"])
+    with pytest.raises(ValueError, match="identity_steps"):
+        make_arith_items(1, 0, identity_steps=-1)
+
+
+def test_shortcut_flaws_keep_the_answer_and_are_marked_at_the_trivial_step():
+    items = make_arith_items(60, seed=8, min_steps=1, max_steps=4, max_value=20, max_operand=5, identity_steps=1)
+    rng = random.Random(1)
+    for item in items:
+        trivial = next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+        canonical_steps = split_steps(arith_solution(item))
+        assert first_wrong_step(item.prompt, canonical_steps) == -1
+        for flaw in SHORTCUT_FLAWS:
+            solution = arith_solution(item, flaw=flaw, rng=rng)
+            steps = split_steps(solution)
+            assert answers_match(extract_boxed(solution), item.ground_truth), (flaw, solution)
+            assert first_wrong_step(item.prompt, steps) == trivial, (flaw, solution)
+            assert _differing_line(canonical_steps[:-1], steps[:-1]) == trivial, (flaw, solution)
+        assert len(arith_solution(item, "skipped_trivial")) < len(arith_solution(item, "bare_trivial"))
+        assert len(arith_solution(item, "bare_trivial")) < len(arith_solution(item))
+    with pytest.raises(ValueError, match="needs a trivial step"):
+        arith_solution(PROBLEM, flaw="skipped_trivial")

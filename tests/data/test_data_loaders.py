@@ -121,11 +121,31 @@ def test_bad_file_or_format(tmp_path):
 
 def test_load_train_val_from_config(tmp_path):
     from fapo_megatron.config import DataConfig
-    from fapo_megatron.data import load_train_val
+    from fapo_megatron.run_setup import load_train_val
 
     train, val = load_train_val(DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3))
     assert (len(train), len(val)) == (40, 8)
     assert {item.meta["split"] for item in train} == {"train"} and {item.meta["split"] for item in val} == {"val"}
+    plain_ops = [len(item.meta["ops"]) for item in train]
+    train, _ = load_train_val(
+        DataConfig(arith_num_train=40, arith_num_val=8, arith_min_steps=1, arith_max_steps=3, arith_identity_steps=2)
+    )
+    assert [len(item.meta["ops"]) for item in train] == [n + 2 for n in plain_ops]  # same chains, 2 trivial steps
     path = _write(tmp_path, [GOOD_GSM8K, GOOD_GSM8K])
     train, val = load_train_val(DataConfig(format="gsm8k", train_path=str(path)))
     assert [item.ground_truth for item in train] == ["5", "5"] and val == []
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b'{"problem": "p", "answer": NaN}\n', r"rows.jsonl:2: not valid JSON \(NaN is not a JSON value\)"),
+        (b'{"problem": "p", "answer": 1e999}\n', r"rows.jsonl:2: not valid JSON \(1e999 overflows to inf\)"),
+        (b'{"problem": "caf\xe9", "answer": "1"}\n', r"rows.jsonl:2: not UTF-8 \(byte 0xe9 at column 17\)"),
+    ],
+)
+def test_nan_answer_and_non_utf8_name_file_and_line(tmp_path, raw, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n' + raw)
+    with pytest.raises(DataError, match=message):
+        load_prompts(path, "math")

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for EmbeddedEngine
 
-from fapo_megatron.engines.base import SamplingParams  # noqa: E402
+from fapo_megatron.engine_protocol import SamplingParams  # noqa: E402
 from fapo_megatron.engines.embedded import EmbeddedEngine  # noqa: E402
 
 MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}

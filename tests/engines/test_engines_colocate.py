@@ -5,7 +5,7 @@ import time
 import pytest
 from engine_fixtures import char_tokenizer, tiny_qwen2
 
-from fapo_megatron.engines.base import EngineError, SamplingParams
+from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.colocate import PHASES, ColocatedScheduler, PhaseOrderError
 from fapo_megatron.engines.embedded import EmbeddedEngine
 from fapo_megatron.engines.weight_sync import bucket_named_tensors

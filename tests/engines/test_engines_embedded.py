@@ -4,7 +4,7 @@ import pytest
 import torch
 from engine_fixtures import char_tokenizer, teacher_forced_logprobs, tiny_qwen2
 
-from fapo_megatron.engines.base import EngineError, SamplingParams
+from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine, _truncate
 from fapo_megatron.engines.weight_sync import bucket_named_tensors
 

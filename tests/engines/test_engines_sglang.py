@@ -16,7 +16,7 @@ import requests
 import torch
 from engine_fixtures import char_tokenizer, teacher_forced_logprobs, tiny_qwen2
 
-from fapo_megatron.engines.base import EngineError, SamplingParams
+from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine
 from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs, require_sglang
 from fapo_megatron.engines.weight_sync import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from genrm_standin_server import StandinGenRM
 
-from fapo_megatron.engines.base import Engine, EngineError, Generation
+from fapo_megatron.engine_protocol import Engine, EngineError, Generation
 from fapo_megatron.genrm.client import GenRMClient
 from fapo_megatron.genrm.prompt import build_genrm_prompt, render_chatml, split_steps
 from fapo_megatron.genrm.transports import EngineTransport, OpenAIChatTransport, SGLangGenerateTransport

@@ -12,10 +12,10 @@ import torch
 
 from fapo_megatron.config import AlgorithmConfig, ConfigError, GenRMConfig, OverlongConfig, RolloutConfig, load_config
 from fapo_megatron.data import PromptItem
-from fapo_megatron.data.genrm_task import load_genrm_items, score_genrm_responses
-from fapo_megatron.engines.base import Generation
+from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.experience import grade_rollouts
 from fapo_megatron.genrm.prompt import build_genrm_prompt
+from fapo_megatron.genrm.task import load_genrm_items, score_genrm_responses
 from fapo_megatron.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -77,6 +77,32 @@ def train() -> None:
         actor.close()
 
 
+def packing() -> None:
+    """Padded vs packed micro-batches (token budget per layout) from the same weights: log-probs, then one train
+    step with TIS and KL on, under every loss aggregation mode."""
+    batch = make_batch()
+    budgets = {(1, 1): 20, (2, 1): 14, (1, 2): 32}
+    for (tp, pp), budget in budgets.items():
+        for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+            for packed in (0, budget):
+                extra = {
+                    "algorithm.tis_cap": 2.0,
+                    "algorithm.kl_coef": 0.1,
+                    "algorithm.loss_agg_mode": mode,
+                    "parallel.max_tokens_per_micro_batch": packed,
+                    # Adam's first step is ~lr * sign(g): with eps 1e-8 a gradient element near 1e-8 turns the
+                    # round-off of a different row order over DP ranks into a 1e-5 weight difference
+                    "optim.adam_eps": 1e-6,
+                }
+                actor = build("qwen2", tp, pp, **extra)
+                logprobs = actor.compute_logprobs(batch)[0] if mode == "token-mean" else None
+                metrics = actor.train_step(batch)
+                shapes = [tuple(item["tokens"].shape) for item in actor._micro_batches(batch)[0]]
+                result = {"logprobs": logprobs, "weights": exported(actor), "shapes": shapes, **metrics}
+                emit(f"pack_tp{tp}pp{pp}_{mode}_{packed}", result)
+                actor.close()
+
+
 def checkpoint() -> None:
     """Save at TP2 after one step, then load at TP1 and PP2; a wrong-shape model must name the tensor."""
     batch = make_batch()
@@ -116,5 +142,32 @@ def restart() -> None:
     actor.close()
 
 
+def non_finite() -> None:
+    """A NaN advantage in each mini-batch, on DP rank 1's rows in the first and rank 0's in the second: stop leaves
+    the weights as they were; skip counts both updates and leaves them too; a finite batch then updates as usual."""
+    import dataclasses
+
+    good = make_batch()
+    advantages = good.advantages.clone()
+    advantages[[2, 5]] = float("nan")
+    poisoned = dataclasses.replace(good, advantages=advantages)
+    for mode in ("stop", "skip"):
+        actor = build("qwen2", 1, 1, **{"optim.on_non_finite": mode})
+        before = exported(actor)
+        try:
+            metrics = actor.train_step(poisoned)
+            outcome = {"skipped": metrics["skipped_non_finite"], "grad_norm": metrics["grad_norm"]}
+        except FloatingPointError as err:
+            outcome = {"error": str(err)}
+        outcome["unchanged"] = all(torch.equal(before[k], v) for k, v in exported(actor).items())
+        if mode == "skip":
+            actor.train_step(good)
+            outcome["changed_after_good"] = any(not torch.equal(before[k], v) for k, v in exported(actor).items())
+        emit(f"non_finite_{mode}", outcome)
+        actor.close()
+
+
 if __name__ == "__main__":
-    {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}[sys.argv[1]]()
+    scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
+    scenarios.update(non_finite=non_finite, packing=packing)
+    scenarios[sys.argv[1]]()

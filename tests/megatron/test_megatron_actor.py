@@ -6,6 +6,7 @@ leave rank 0's results in files; the assertions here compare them with independe
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -136,6 +137,26 @@ def test_train_step_same_update_under_tp_pp(results, workdir):
     assert runs["tp2pp1"]["metrics"]["loss"] == pytest.approx(runs["tp1pp1"]["metrics"]["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_packed_micro_batches_take_the_padded_step(results, mode):
+    budgets = {"tp1pp1": 20, "tp2pp1": 14, "tp1pp2": 32}
+    for layout, budget in budgets.items():
+        padded = results("packing", 2, f"pack_{layout}_{mode}_0")
+        packed = results("packing", 2, f"pack_{layout}_{mode}_{budget}")
+        # 8 rows of lengths 16 11 9 16 6 13 16 10: padded 16 columns each, packed into [1, <= budget] or one row
+        assert {shape[1] for shape in padded["shapes"]} == {16}
+        assert all(rows == 1 and (tokens <= budget or tokens == 16) for rows, tokens in packed["shapes"])
+        assert sum(tokens for _, tokens in packed["shapes"]) < sum(r * t for r, t in padded["shapes"])
+        if mode == "token-mean":
+            diff = (packed["logprobs"] - padded["logprobs"]).abs().max().item()
+            assert diff <= 1e-5, f"{layout}: packed log-probs differ from padded by {diff}"
+        for name, tensor in padded["weights"].items():
+            diff = (packed["weights"][name] - tensor).abs().max().item()
+            assert diff <= 1e-5, f"{layout} {mode}: {name} after a packed step differs by {diff}"
+        for name in ("loss", "kl_loss", "grad_norm", "tis_ratio_max", "local_num_tokens"):
+            assert packed[name] == pytest.approx(padded[name], rel=1e-5, abs=1e-7), f"{layout} {mode}: {name}"
+
+
 def test_checkpoint_reshards_and_names_mismatch(results):
     saved = results("checkpoint", 2, "ckpt_tp2")
     for layout in ("tp1pp1", "tp1pp2"):
@@ -155,3 +176,13 @@ def test_restart_after_kill_continues_exactly(results, workdir):
     assert restarted["extra"] == {"data_position": 1} and restarted["step"] == 4
     assert restarted["metrics"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
     assert restarted["metrics"]["grad_norm"] == pytest.approx(uninterrupted["grad_norm"], rel=1e-5)
+
+
+def test_non_finite_update_stops_or_is_skipped_never_applied(results):
+    """2 DP ranks, each NaN on one rank's rows only: both ranks refuse the update (a Megatron step would clip by a NaN
+    norm and write NaN into every weight)."""
+    stop = results("non_finite", 2, "non_finite_stop")
+    assert stop["error"].startswith("optimizer step 1: non-finite loss or gradient") and stop["unchanged"]
+    skip = results("non_finite", 2, "non_finite_skip")
+    assert skip["skipped"] == 2.0 and math.isnan(skip["grad_norm"]) and skip["unchanged"]
+    assert skip["changed_after_good"]

@@ -63,13 +63,11 @@ def test_metrics_present_and_sane(fapo_run):
     for r in records:
         for key in (
             "reward/accuracy",
-            "reward/flawed_positive_share",
             "reward/mean",
             "actor/grad_norm",
             "actor/pg_clipfrac",
             "actor/entropy",
             "actor/lr",
-            "progress/mean_rho",
             "response/length_mean",
             "time/rollout",
             "time/genrm",
@@ -81,6 +79,8 @@ def test_metrics_present_and_sane(fapo_run):
         ):
             assert key in r and r[key] is not None and math.isfinite(r[key]), key
         assert 0.0 <= r["reward/accuracy"] <= 1.0 and -2.0 <= r["reward/mean"] <= 1.0
+        # A share of nothing is undefined (null), never 0.
+        assert (r["reward/flawed_positive_share"] is None) == (r["genrm/asked"] == 0)
         # The GenRM is asked about the rollouts with a correct answer, and only those.
         assert r["genrm/asked"] == pytest.approx(r["reward/accuracy"] * rollouts)
         assert r["genrm/flawed"] + r["genrm/clean"] == r["genrm/asked"]
@@ -151,6 +151,7 @@ def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
             "genrm.retries=0",
             "genrm.deadline_s=20",
             "genrm.unavailable_policy=treat_as_flawed",
+            "genrm.max_unavailable_fraction=1.0",
         )
     )
     records = read_metrics(out / "metrics.jsonl")
@@ -159,6 +160,20 @@ def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
         assert r["genrm/flawed"] == 0 and r["genrm/clean"] == 0
         assert r["reward/num_unavailable"] == r["genrm/asked"]
     assert sum(r["genrm/asked"] for r in records) > 0
+
+
+def test_genrm_fully_down_stops_the_run_under_the_default_drop_policy(warm_policy, tmp_path):
+    """Dropping every correct rollout would train on wrong answers only: the step fails, naming the limit."""
+    proc = _train(
+        tmp_path / "down",
+        warm_policy,
+        "trainer.steps=2",
+        "genrm.backend=external",
+        "genrm.url=http://127.0.0.1:9",
+        "genrm.retries=0",
+    )
+    assert proc.returncode != 0
+    assert "above genrm.max_unavailable_fraction=0.5" in proc.stderr
 
 
 def test_genrm_outage_with_fail_policy_stops_the_run(warm_policy, tmp_path):

@@ -4,6 +4,9 @@ An engine generates from prompts (text or token ids) and returns, per sample, th
 the per-token log-probs under the engine's sampling distribution and why it stopped. Colocated runs
 time-share devices, so every engine can release its memory and take it back, and take new weights
 by name (HF names, full tensors) in bounded buckets.
+
+It imports nothing from fapo_megatron, so engines/ (the backends), genrm/ (which asks an engine) and the
+trainer all build on it without depending on each other.
 """
 
 from __future__ import annotations
