@@ -127,7 +127,7 @@ class Trainer:
         early = 0
         with timer.phase("rollout"):
             if stream is None:
-                generations = self.generate(prompts, self.sampling(validation=False))
+                generations = self.policy.generate(prompts, self.sampling(validation=False))
             else:
                 generations, correct, early = self._generate_and_submit(items, prompts, stream)
             self.policy.wake_actor()
