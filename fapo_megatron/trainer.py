@@ -181,6 +181,7 @@ class Trainer:
         metrics["data/prompts_too_long"] = float(num_too_long)
         metrics["data/epoch"] = float(self.sampler.state_dict().get("epoch", 0))
         metrics["weight_sync/bytes"] = max(s["bytes"] for s in sync)
+        metrics.update(self.policy.memory_ledger())
         elapsed = time.perf_counter() - start
         metrics["perf/step_seconds"] = elapsed
         metrics["perf/tokens_per_second"] = response_tokens / elapsed if elapsed > 0 else 0.0

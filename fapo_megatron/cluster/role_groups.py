@@ -51,6 +51,11 @@ class PolicyGroup:
         """Per rank: seconds, bytes and buckets pushed into its engine (0 bytes on ranks without one)."""
         return self.group.call("sync_weights")
 
+    def memory_ledger(self) -> dict[str, float]:
+        """Per key, the most any rank held (`memory/<phase>/...` since the last call)."""
+        ledgers = self.group.call("memory_ledger")
+        return {key: max(ledger.get(key, 0.0) for ledger in ledgers) for key in ledgers[0]}
+
     def save(self, directory: str, step: int, extra_state: dict) -> None:
         """Checkpoint as `step_<step>`: the trainer's step names checkpoints, not the optimizer's count."""
         self.group.call("save", directory, step, extra_state)

@@ -34,7 +34,7 @@ from fapo_megatron.config import Config
 from fapo_megatron.megatron import model as mcore
 from fapo_megatron.megatron import platform
 from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logprobs
-from fapo_megatron.megatron.offload import StateOffloader
+from fapo_megatron.megatron.offload import KINDS, StateOffloader
 from fapo_megatron.megatron.packing import packed_micro_batches, padded_micro_batches, unpack
 from fapo_megatron.models import hf_mapping, registry
 
@@ -384,17 +384,25 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------------ state
 
-    def offload(self) -> None:
-        """Move parameters and optimizer state to CPU memory and drop gradients (device memory freed)."""
-        self._offloader.offload()
+    def offload(self, kinds: tuple[str, ...] = KINDS) -> None:
+        """Free `kinds` (params, grads, optimizer) from the device: gradients dropped, the rest to CPU memory."""
+        self._offloader.offload(kinds)
 
     @property
     def offloaded(self) -> bool:
         return self._offloader.offloaded
 
-    def onload(self) -> None:
-        """Bring back what `offload` moved; the next step sees exactly the state it left."""
-        self._offloader.onload()
+    def onload(self, kinds: tuple[str, ...] = KINDS) -> None:
+        """Bring `kinds` back; the next step sees exactly the state it left."""
+        self._offloader.onload(kinds)
+
+    @property
+    def resident_kinds(self) -> set[str]:
+        return set(self._offloader.resident)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state in device memory now, from the storages."""
+        return self._offloader.resident_bytes()
 
     def save(self, directory: str | Path, step: int, extra_state: dict | None = None) -> Path:
         """Checkpoint as `step_<step>` (the trainer's step) under `directory`."""

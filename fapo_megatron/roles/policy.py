@@ -3,12 +3,16 @@
 The trainer drives a group of these (one per device, through cluster.WorkerGroup). Every rank takes part in
 the actor's collectives; the ranks that host an engine (every `rollout.tp`-th rank) also generate, each for its
 share of the prompts, and take the actor's weights after every update. Engines and the actor time-share the
-device: the engine releases its memory while the actor trains (`wake_actor`), the actor offloads while the engine
-generates (at the end of `sync_weights`, when parallel.offload_actor).
+device; with parallel.offload_actor, ACTOR_RESIDENCY says what of the actor is on the device in each phase and
+every method below enters its phase through it (frees first, then brings back), so no second ordering exists:
+after the update the gradients are dropped and the optimizer state offloaded before the engine takes its weights
+back, the actor's parameters leave once they are pushed, the GenRM phase runs with the actor fully off the device,
+and the log-prob pass brings back parameters only. Each phase's resident bytes form the memory ledger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +24,18 @@ from fapo_megatron.config import Config, from_dict
 from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
 from fapo_megatron.engine_protocol import Engine, Generation, SamplingParams
+from fapo_megatron.megatron import platform
+
+ACTOR_RESIDENCY: dict[str, tuple[str, ...]] = {
+    "rollout": (),  # the rollout engine holds the device
+    "genrm": (),  # a colocated GenRM engine may take all of it
+    "logprobs": ("params",),  # a forward pass needs no gradients or optimizer state
+    "update": ("params", "grads", "optimizer"),
+    "weight_sync": ("params",),  # gradients dropped and optimizer state offloaded before the engine resumes
+    "checkpoint": ("params", "optimizer"),  # gradients are not saved: never re-materialised beside an engine
+}
+"""What of the actor (params, grads, optimizer) is on the device in each phase when parallel.offload_actor;
+without it everything stays resident."""
 
 
 def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) -> Engine:
@@ -81,6 +97,8 @@ class PolicyWorker:
         self.rank, self.world_size = dist_env.rank, dist_env.world_size
         torch.manual_seed(self.cfg.trainer.seed)
         self.actor = MegatronActor(self.cfg)
+        self._ledger: dict[str, float] = {}
+        self._enter("rollout")  # off the device before the engine sizes its memory
         self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp)
         self.engine: Engine | None = None
         if self.rank in self.engine_ranks:
@@ -94,9 +112,10 @@ class PolicyWorker:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """This rank's engine samples its share of `prompts`; prompt_index refers to the full list."""
         shard = self._shard(len(prompts))
-        if not shard:
-            return []
-        generations = self.engine.generate([list(prompts[i]) for i in shard], self._shard_params(params, shard))
+        with self._phase("rollout"):
+            if not shard:
+                return []
+            generations = self.engine.generate(self._prompts(prompts, shard), self._shard_params(params, shard))
         for gen in generations:
             gen.prompt_index += shard.start
         return generations
@@ -109,14 +128,15 @@ class PolicyWorker:
         first row plus the engine's own position). Run through `WorkerGroup.stream`, the trainer sees each chunk
         while this rank still generates; the samples are those `generate` gives."""
         shard = self._shard(len(prompts))
-        if not shard:
-            return
         first_row = shard.start * params.n
-        chunks = self.engine.generate_stream([list(prompts[i]) for i in shard], self._shard_params(params, shard))
-        for chunk in chunks:
-            for _, gen in chunk:
-                gen.prompt_index += shard.start
-            yield [(first_row + position, gen) for position, gen in chunk]
+        with self._phase("rollout"):
+            if not shard:
+                return
+            chunks = self.engine.generate_stream(self._prompts(prompts, shard), self._shard_params(params, shard))
+            for chunk in chunks:
+                for _, gen in chunk:
+                    gen.prompt_index += shard.start
+                yield [(first_row + position, gen) for position, gen in chunk]
 
     def _shard(self, num_prompts: int) -> range:
         """This rank's prompts (empty on ranks without an engine)."""
@@ -125,57 +145,96 @@ class PolicyWorker:
         return prompt_shard(num_prompts, self.engine_ranks.index(self.rank), len(self.engine_ranks))
 
     @staticmethod
+    def _prompts(prompts: Sequence[Sequence[int]], shard: range) -> list[list[int]]:
+        return [list(prompts[i]) for i in shard]
+
+    @staticmethod
     def _shard_params(params: SamplingParams, shard: range) -> SamplingParams:
         return dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
 
     def wake_actor(self) -> None:
-        """Training phase: the engine gives its device memory back, the actor's state returns to the device."""
+        """After the rollout: the engine gives its device memory back for the GenRM phase and the actor's passes;
+        the actor itself stays off the device until a pass needs it."""
         if self.engine is not None:
             self.engine.release_memory()
-        self.actor.onload()
+        with self._phase("genrm"):
+            pass  # the judge runs elsewhere (trainer, GenRM workers); the actor's share of the device is recorded
 
     # ------------------------------------------------------------------------------------------ actor
 
     def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.actor.compute_logprobs(batch, self.cfg.rollout.temperature)
+        with self._phase("logprobs"):
+            return self.actor.compute_logprobs(batch, self.cfg.rollout.temperature)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return self.actor.train_step(batch)
+        with self._phase("update"):
+            return self.actor.train_step(batch)
 
     def sync_weights(self) -> dict[str, float]:
         """Push the actor's weights (HF names, gathered over TP/PP, in buckets) into this rank's engine, then hand
         the device to the engine for the next rollout (the actor offloads when parallel.offload_actor)."""
         start = time.perf_counter()
         sizes = []
-        if self.engine is not None:
-            self.engine.resume_memory()
 
         def counted(buckets):
             for bucket in buckets:
                 sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
                 yield bucket
 
-        buckets = counted(self.actor.export_hf_weights(self.cfg.rollout.weight_sync_bucket_mb << 20))
-        if self.engine is None:
-            for _ in buckets:  # every rank takes part in the gathers
-                pass
-        else:
-            self.engine.update_weights(buckets)
-        if self.cfg.parallel.offload_actor:
-            self.actor.offload()
+        with self._phase("weight_sync"):
+            held = self.actor.resident_bytes()
+            self._ledger["memory/weight_sync/actor_grads_optimizer_bytes"] = float(held["grads"] + held["optimizer"])
+            if self.engine is not None:
+                self.engine.resume_memory()
+            buckets = counted(self.actor.export_hf_weights(self.cfg.rollout.weight_sync_bucket_mb << 20))
+            if self.engine is None:
+                for _ in buckets:  # every rank takes part in the gathers
+                    pass
+            else:
+                self.engine.update_weights(buckets)
+        self._enter("rollout")
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
 
     def save(self, directory: str, step: int, extra_state: dict) -> str:
-        offloaded = self.actor.offloaded
-        self.actor.onload()
+        before = self.actor.resident_kinds
+        self._enter("checkpoint")
         try:
             return str(self.actor.save(directory, step, extra_state))
         finally:
-            if offloaded:
-                self.actor.offload()
+            self._match(tuple(before))
 
     def load(self, directory: str) -> dict:
+        self.actor.onload()  # the checkpoint is read into every state tensor
         return self.actor.load(directory)
+
+    # ------------------------------------------------------------------------------------------ memory
+
+    @contextlib.contextmanager
+    def _phase(self, phase: str):
+        """Run a phase with the actor's device residency it needs; the ledger gets what the actor held at its end
+        (Adam's moments exist once the first update has run) and, on CUDA, the allocator's peak during it."""
+        self._enter(phase)
+        if not platform.on_cpu():
+            torch.cuda.reset_peak_memory_stats()
+        yield
+        self._ledger[f"memory/{phase}/actor_bytes"] = float(sum(self.actor.resident_bytes().values()))
+        if not platform.on_cpu():
+            self._ledger[f"memory/{phase}/device_peak_bytes"] = float(torch.cuda.max_memory_allocated())
+
+    def _enter(self, phase: str) -> None:
+        if self.cfg.parallel.offload_actor:
+            self._match(ACTOR_RESIDENCY[phase])
+
+    def _match(self, kinds: tuple[str, ...]) -> None:
+        resident = self.actor.resident_kinds
+        self.actor.offload(tuple(k for k in resident if k not in kinds))  # free first, then bring back
+        self.actor.onload(tuple(k for k in kinds if k not in resident))
+
+    def memory_ledger(self) -> dict[str, float]:
+        """What the actor held on the device per phase since the last call (`memory/<phase>/actor_bytes`; on CUDA
+        also the allocator's peak up to the phase's start, `memory/<phase>/device_peak_bytes`), then reset."""
+        ledger, self._ledger = self._ledger, {}
+        return ledger
 
     def close(self) -> None:
         if self.engine is not None:

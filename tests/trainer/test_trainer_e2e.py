@@ -227,3 +227,16 @@ def test_checkpoints_are_named_by_the_trainer_step(fapo_run):
     assert (meta["step"], meta["optimizer_steps"]) == (3, 6)
     saves = [r.get("time/checkpoint", 0.0) > 0 for r in read_metrics(fapo_run / "metrics.jsonl")]
     assert saves == [False, False, True]  # a save's time is reported in the next step's row: only step 2's
+
+
+def test_memory_ledger_follows_the_phase_order(fapo_run):
+    """parallel.offload_actor (on in tiny_cpu): the actor is off the device while the engine generates and while
+    the GenRM judges, holds parameters only for the log-prob pass and the weight push (gradients and optimizer state
+    gone before the engine takes its weights back), and everything during the update."""
+    for r in read_metrics(fapo_run / "metrics.jsonl"):
+        assert r["memory/rollout/actor_bytes"] == 0 and r["memory/genrm/actor_bytes"] == 0, r
+        params = r["memory/logprobs/actor_bytes"]
+        assert params > 0 and r["memory/weight_sync/actor_bytes"] == params
+        assert r["memory/weight_sync/actor_grads_optimizer_bytes"] == 0
+        # fp32 Adam, no distributed optimizer at DP 1: gradients (4 B) and two moments (8 B) beside 4 B of params
+        assert r["memory/update/actor_bytes"] == 4 * params
