@@ -28,7 +28,7 @@ from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
 
-SUPPORTED_SGLANG = ">=0.5.3,<0.6"
+SUPPORTED_SGLANG = ">=0.5.3,<=0.5.23"
 MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
 """SGLang's GPU memory types (sglang.srt.constants GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take."""
 
