@@ -23,14 +23,29 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
 from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
 
 SUPPORTED_SGLANG = ">=0.5.3,<=0.5.23"
-MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
-"""SGLang's GPU memory types (sglang.srt.constants GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take."""
+
+
+def memory_tags(version: str) -> set[str]:
+    """The GPU memory types (srt/constants.py GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take:
+    0.5.3-0.5.4 know weights and kv_cache; cuda_graph comes in 0.5.5 (resuming an unknown tag crashes 0.5.3)."""
+    tags = {"weights", "kv_cache"}
+    return tags | {"cuda_graph"} if Version(version) >= Version("0.5.5") else tags
+
+
+def pause_request(version: str) -> dict:
+    """The /pause_generation body (managers/io_struct.py PauseGenerationReqInput): from 0.5.6 mode "retract" keeps
+    in-flight requests (back to the waiting queue, KV cache may be flushed); before, the endpoint reads no body and
+    always aborts what is in flight."""
+    return {"mode": "retract"} if Version(version) >= Version("0.5.6") else {}
 
 
 def require_sglang() -> str:
@@ -42,9 +57,6 @@ def require_sglang() -> str:
             f"the SGLang backend needs sglang{SUPPORTED_SGLANG} (pip install 'sglang{SUPPORTED_SGLANG}' on a GPU "
             f"machine); use rollout.backend=embedded on machines without it ({error})"
         ) from error
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     version = getattr(sglang, "__version__", "0")
     if Version(version) not in SpecifierSet(SUPPORTED_SGLANG):
         raise EngineError(f"sglang {version} is installed; the SGLang backend supports sglang{SUPPORTED_SGLANG}")
@@ -224,6 +236,7 @@ class SGLangEngine(Engine):
         self.transport = self._make_transport()
         self._released_tags: set[str] = set()
         self._started = False
+        self.server_version: str | None = None  # GET /get_server_info "version", read on start()
 
     def _make_transport(self):
         if self._transport_kind == "tensor":
@@ -246,7 +259,21 @@ class SGLangEngine(Engine):
             self._process.start()
         elif not self.client.health_generate():
             raise EngineError(f"no healthy SGLang server at {self.url}")
+        self.server_version = self._read_server_version()
         self._started = True
+
+    def _read_server_version(self) -> str:
+        """The served SGLang version, which decides memory tags and pause mode; outside the tested range: an error."""
+        version = self.client.get_server_info().get("version")
+        try:
+            supported = Version(str(version)) in SpecifierSet(SUPPORTED_SGLANG)
+        except InvalidVersion:
+            supported = False
+        if not supported:
+            raise EngineError(
+                f"{self.url} runs sglang {version!r}; the SGLang backend supports sglang{SUPPORTED_SGLANG}"
+            )
+        return str(version)
 
     def healthy(self) -> bool:
         return self._started and self.client.health_generate(timeout_s=10.0)
@@ -383,7 +410,7 @@ class SGLangEngine(Engine):
         version = str(self.weight_version + 1)
         named = (pair for bucket in buckets for pair in bucket)
         self.transport.connect()
-        self.client.pause_generation()
+        self.client.pause_generation(pause_request(self.server_version))
         try:
             self.client.flush_cache()
             for bucket in bucket_named_tensors(named, self.bucket_bytes):
@@ -401,16 +428,19 @@ class SGLangEngine(Engine):
             return
         self.client.flush_cache()
         self.client.release_memory_occupation(tags=None)
-        self._released_tags = set(MEMORY_TAGS)
+        self._released_tags = memory_tags(self.server_version)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
         """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
         if not self._started or not self._released_tags:
             return
-        unknown = set(tags or ()) - MEMORY_TAGS
+        known = memory_tags(self.server_version)
+        unknown = set(tags or ()) - known
         if unknown:
-            raise ValueError(f"unknown SGLang memory tags {sorted(unknown)}; known: {sorted(MEMORY_TAGS)}")
-        partial = self._released_tags != MEMORY_TAGS
+            raise ValueError(
+                f"SGLang {self.server_version} knows no memory tags {sorted(unknown)}; known: {sorted(known)}"
+            )
+        partial = self._released_tags != known
         wanted = set(tags) if tags is not None else set(self._released_tags)
         # None asks the server for everything it released; after a partial resume, name what is left.
         self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)

@@ -87,8 +87,8 @@ class SGLangClient:
                 raise EngineError(f"{self.base_url}/flush_cache: requests still running after {timeout_s} s")
             time.sleep(0.2)
 
-    def pause_generation(self) -> None:
-        self._call("POST", "pause_generation", {})
+    def pause_generation(self, body: dict | None = None) -> None:
+        self._call("POST", "pause_generation", body or {})
 
     def continue_generation(self) -> None:
         self._call("POST", "continue_generation", {})
