@@ -8,7 +8,7 @@ S = padded prompt + response length.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,32 +50,47 @@ class GradedRollouts:
     """Reward-side metrics of the step."""
 
 
+def judge_request(item: PromptItem, generation: Generation) -> JudgeRequest:
+    """What the GenRM is asked about one rollout."""
+    return JudgeRequest(problem=item.prompt, solution=generation.text, ground_truth=item.ground_truth)
+
+
 def judge_correct_rollouts(
-    judge: Judge | None, items: Sequence[PromptItem], generations: Sequence[Generation], correct: torch.Tensor
+    judge: Judge | None,
+    items: Sequence[PromptItem],
+    generations: Sequence[Generation],
+    correct: torch.Tensor,
+    verdicts: Mapping[int, Verdict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, JudgeCounts]:
-    """Ask the GenRM about the rollouts with a correct answer only; returns (flawed, available, counts)."""
+    """Ask the GenRM about the rollouts with a correct answer only; returns (flawed, available, counts).
+
+    `verdicts` ({rollout index: verdict}, streamed while the rollout ran) replaces the call; it must hold exactly
+    the correct rollouts, so none is judged twice or left out.
+    """
     num = len(generations)
     flawed = torch.zeros(num, dtype=torch.bool)
     available = torch.ones(num, dtype=torch.bool)
     asked = [i for i in range(num) if bool(correct[i])]
-    if judge is None or not asked:
+    if verdicts is not None:
+        if set(verdicts) != set(asked):
+            extra, missing = sorted(set(verdicts) - set(asked)), sorted(set(asked) - set(verdicts))
+            raise RuntimeError(
+                f"streamed verdicts for rollouts {extra} that are not correct, none for correct rollouts {missing}"
+            )
+        ordered = [verdicts[i] for i in asked]
+    elif judge is None or not asked:
         return flawed, available, JudgeCounts()
-    requests = [
-        JudgeRequest(
-            problem=items[generations[i].prompt_index].prompt,
-            solution=generations[i].text,
-            ground_truth=items[generations[i].prompt_index].ground_truth,
-        )
-        for i in asked
-    ]
-    verdicts: list[Verdict] = judge.judge(requests)
-    if len(verdicts) != len(requests):
-        raise RuntimeError(f"the GenRM returned {len(verdicts)} verdicts for {len(requests)} requests")
-    asked_flawed, asked_available = verdict_tensors(verdicts)
+    else:
+        ordered = judge.judge([judge_request(items[generations[i].prompt_index], generations[i]) for i in asked])
+        if len(ordered) != len(asked):
+            raise RuntimeError(f"the GenRM returned {len(ordered)} verdicts for {len(asked)} requests")
+    if not asked:
+        return flawed, available, JudgeCounts()
+    asked_flawed, asked_available = verdict_tensors(ordered)
     index = torch.tensor(asked, dtype=torch.long)
     flawed[index] = asked_flawed
     available[index] = asked_available
-    return flawed, available, JudgeCounts.from_verdicts(verdicts)
+    return flawed, available, JudgeCounts.from_verdicts(ordered)
 
 
 def check_genrm_outage(counts: JudgeCounts, max_unavailable_fraction: float) -> None:
@@ -100,11 +115,13 @@ def grade_rollouts(
     algorithm: AlgorithmConfig,
     rollout: RolloutConfig,
     genrm: GenRMConfig,
+    verdicts: Mapping[int, Verdict] | None = None,
 ) -> GradedRollouts:
-    """The reward side of one FAPO step (no GenRM when `judge` is None: plain GRPO)."""
+    """The reward side of one FAPO step (no GenRM when `judge` is None: plain GRPO); `verdicts`: the correct
+    rollouts' verdicts, streamed while they were generated (see `judge_correct_rollouts`)."""
     if algorithm.reward == "genrm_step":
         return grade_genrm_rollouts(items, generations, algorithm=algorithm, rollout=rollout)
-    flawed, available, counts = judge_correct_rollouts(judge, items, generations, correct)
+    flawed, available, counts = judge_correct_rollouts(judge, items, generations, correct, verdicts)
     check_genrm_outage(counts, genrm.max_unavailable_fraction)
     group_ids = torch.tensor([g.prompt_index for g in generations], dtype=torch.long)
     lengths = torch.tensor([len(g.token_ids) for g in generations], dtype=torch.long)

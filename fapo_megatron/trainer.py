@@ -20,7 +20,7 @@ from fapo_megatron.config import Config, dump_yaml, to_dict
 from fapo_megatron.data import PromptSampler
 from fapo_megatron.data.templates import encode_prompt
 from fapo_megatron.engine_protocol import SamplingParams
-from fapo_megatron.experience import build_train_batch, grade_rollouts
+from fapo_megatron.experience import build_train_batch, grade_rollouts, judge_request
 from fapo_megatron.megatron import checkpoint_files
 from fapo_megatron.metrics import MetricsLogger, PhaseTimer
 from fapo_megatron.run_setup import RunData, build_judge_for_run, load_run_data, resume_path
@@ -123,29 +123,43 @@ class Trainer:
         items, prompts = [items[i] for i in fits], [prompts[i] for i in fits]
 
         bar.set_postfix_str(f"step {self.step + 1}: rollout")
+        stream = self._verdict_stream()
+        early = 0
         with timer.phase("rollout"):
-            generations = self.policy.generate(prompts, self.sampling(validation=False))
+            if stream is None:
+                generations = self.policy.generate(prompts, self.sampling(validation=False))
+            else:
+                generations, correct, early = self._generate_and_submit(items, prompts, stream)
             self.policy.wake_actor()
-        correct = self.checker.check(
-            [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
-        )
-        bar.set_postfix_str(f"step {self.step + 1}: genrm")
-        with timer.phase("genrm_visible"):  # synchronous: the step waits for the judge the whole time it is busy
-            graded = grade_rollouts(
-                items,
-                generations,
-                torch.tensor(correct, dtype=torch.bool),
-                self.judge,
-                algorithm=cfg.algorithm,
-                rollout=cfg.rollout,
-                genrm=cfg.genrm,
+        pad_id = self.data.tokenizer.pad_token_id
+        if stream is None:
+            correct = self.checker.check(
+                [g.text for g in generations], [items[g.prompt_index].ground_truth for g in generations]
             )
-        timer.add("genrm", timer.seconds["genrm_visible"])
-        batch = build_train_batch(generations, graded.advantages, graded.keep, self.data.tokenizer.pad_token_id)
-
-        bar.set_postfix_str(f"step {self.step + 1}: log-probs")
-        with timer.phase("logprobs"):
-            old_logprobs, entropy = self.policy.compute_logprobs(batch)
+            bar.set_postfix_str(f"step {self.step + 1}: genrm")
+            with timer.phase("genrm_visible"):  # synchronous: the step waits for the judge the whole time it is busy
+                graded = self._grade(items, generations, correct)
+            timer.add("genrm", timer.seconds["genrm_visible"])
+            batch = build_train_batch(generations, graded.advantages, graded.keep, pad_id)
+            bar.set_postfix_str(f"step {self.step + 1}: log-probs")
+            with timer.phase("logprobs"):
+                old_logprobs, entropy = self.policy.compute_logprobs(batch)
+        else:
+            # The old log-probs do not depend on rewards: computed for every rollout while verdicts are out, then
+            # the kept rows are taken (right padding: the kept batch is a column prefix of the full one).
+            everything = torch.ones(len(generations), dtype=torch.bool)
+            full = build_train_batch(generations, torch.zeros(len(generations)), everything, pad_id)
+            bar.set_postfix_str(f"step {self.step + 1}: log-probs")
+            with timer.phase("logprobs"):
+                full_logprobs, full_entropy = self.policy.compute_logprobs(full)
+            bar.set_postfix_str(f"step {self.step + 1}: genrm")
+            with timer.phase("genrm_visible"):
+                verdicts = stream.collect()
+            timer.add("genrm", stream.busy_seconds)
+            graded = self._grade(items, generations, correct, verdicts)
+            batch = build_train_batch(generations, graded.advantages, graded.keep, pad_id)
+            rows, width = graded.keep.nonzero().squeeze(1), batch.tokens.shape[1]
+            old_logprobs, entropy = full_logprobs[rows, :width], full_entropy[rows, :width]
         batch = dataclasses.replace(batch, old_logprobs=old_logprobs)
         bar.set_postfix_str(f"step {self.step + 1}: update")
         with timer.phase("update"):
@@ -157,6 +171,8 @@ class Trainer:
         mask = batch.response_mask.bool()
         response_tokens = int(mask.sum())
         metrics = dict(graded.metrics)
+        if self.judge is not None and cfg.algorithm.reward != "genrm_step":
+            metrics["genrm/sent_during_rollout"] = float(early)
         metrics.update({f"actor/{k}": v for k, v in update.items()})
         metrics["actor/entropy"] = float(entropy[mask].mean()) if response_tokens else 0.0
         metrics["actor/rollout_logprob_abs_diff"] = (
@@ -183,6 +199,48 @@ class Trainer:
         if validation:
             return dataclasses.replace(self.val_params, seed=self.cfg.trainer.seed + VAL_SEED_STRIDE * self.step)
         return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + self.step)
+
+    def _verdict_stream(self):
+        """A stream for this step's verdicts when they can leave during the rollout (an external GenRM with
+        genrm.stream); None: judge after the rollout."""
+        open_stream = getattr(self.judge, "open_stream", None)
+        if not self.cfg.genrm.stream or open_stream is None or self.cfg.algorithm.reward == "genrm_step":
+            return None
+        return open_stream()
+
+    def _generate_and_submit(self, items, prompts, stream):
+        """Rollouts as the engines finish them (`PolicyWorker.generate_stream` through Ray streaming generators):
+        each one's answer is checked on arrival and, when correct, its judge request leaves at once.
+
+        Returns (generations in prompt-major order, correct [N] bool, requests sent before the last rollout came).
+        """
+        finished, correct_of, sent, early = {}, {}, [], 0
+        for chunk in self.policy.generate_stream(prompts, self.sampling(validation=False)):
+            early = len(sent)  # everything sent before this chunk left while generation still ran
+            golds = [items[g.prompt_index].ground_truth for _, g in chunk]
+            for (position, gen), ok in zip(chunk, self.checker.check([g.text for _, g in chunk], golds)):
+                if position in finished:
+                    raise RuntimeError(f"rollout {position} reported twice by the engines")
+                finished[position], correct_of[position] = gen, ok
+                if ok:
+                    stream.submit(position, judge_request(items[gen.prompt_index], gen))
+                    sent.append(position)
+        if sorted(finished) != list(range(len(finished))):
+            raise RuntimeError(f"engines reported rollouts {sorted(finished)}, not 0..{len(finished) - 1}")
+        generations = [finished[p] for p in range(len(finished))]
+        return generations, [correct_of[p] for p in range(len(finished))], early
+
+    def _grade(self, items, generations, correct, verdicts=None):
+        return grade_rollouts(
+            items,
+            generations,
+            torch.tensor(correct, dtype=torch.bool),
+            self.judge,
+            algorithm=self.cfg.algorithm,
+            rollout=self.cfg.rollout,
+            genrm=self.cfg.genrm,
+            verdicts=verdicts,
+        )
 
     def validate(self) -> dict[str, float]:
         """avg@k accuracy on the validation prompts (no GenRM in the reward; the program checker, when the task
@@ -275,7 +333,7 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     totals = {}
     for record in summary:
         for key, value in record.items():
-            if key.startswith("time/"):
+            if key.startswith("time/") and key != "time/genrm":  # busy time overlaps the others when streamed
                 totals[key[5:]] = totals.get(key[5:], 0.0) + value
     whole = sum(totals.values()) or 1.0
     print("time: " + ", ".join(f"{k} {v / whole:.0%}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])))

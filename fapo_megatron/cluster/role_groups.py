@@ -7,7 +7,7 @@ stays inside cluster/, next to the worker classes' method names it must match.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -29,6 +29,13 @@ class PolicyGroup:
         generations = [g for shard in self.group.call("generate", prompts, params) for g in shard]
         generations.sort(key=lambda g: g.prompt_index)
         return generations
+
+    def generate_stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """`generate` as the engines finish samples: chunks of (prompt-major position, generation), from whichever
+        rank yields first (`PolicyWorker.generate_stream` over `WorkerGroup.stream`)."""
+        return self.group.stream("generate_stream", prompts, params)
 
     def wake_actor(self) -> None:
         self.group.call("wake_actor")

@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
@@ -56,6 +56,9 @@ class _WorkerHost:
 
     def call(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         return getattr(self._worker, method)(*args, **kwargs)
+
+    def stream(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Iterator[Any]:
+        yield from getattr(self._worker, method)(*args, **kwargs)
 
 
 _RemoteHost = ray.remote(_WorkerHost)
@@ -114,6 +117,28 @@ class WorkerGroup:
     def call(self, method: str, *args, **kwargs) -> list[Any]:
         """Run `method(*args, **kwargs)` on every rank; results in rank order."""
         return self.get(self.call_async(method, *args, **kwargs), method)
+
+    def stream(self, method: str, *args, **kwargs) -> Iterator[Any]:
+        """Run generator `method` on every rank; its items as they arrive, from whichever rank yields first.
+
+        Built on Ray's streaming generators (`num_returns="streaming"`): each yield of a worker becomes an object
+        the moment it is produced, so the caller consumes a rank's items while that rank still works. A rank that
+        raises surfaces as a WorkerError naming it, as with `call`.
+        """
+        generators = {
+            actor.stream.options(num_returns="streaming").remote(method, args, kwargs): rank
+            for rank, actor in enumerate(self._live_actors())
+        }
+        pending = list(generators)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for generator in ready:
+                try:
+                    ref = next(generator)
+                except StopIteration:
+                    continue
+                yield self._result(ref, generators[generator], method)
+                pending.append(generator)
 
     def call_async(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """Start `method` on every rank; collect with `get(refs, method)` to have failures named."""

@@ -3,14 +3,16 @@
 Every request gets exactly one verdict, in order. What could not be had is reported as such (timeout, error,
 unavailable, unparseable) and counted; it is never turned into a "clean" verdict. Retries use exponential
 backoff and stop at the deadline; every HTTP call is bounded as a whole (`http_deadline`), so `judge` returns by the
-deadline, with no thread left behind, even if the server hangs or trickles bytes.
+deadline even if the server hangs or trickles bytes (a streamed request sent before the wait began is bounded by
+`request_timeout_s` and may finish in the background after `collect` returned).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -22,7 +24,8 @@ from fapo_megatron.genrm.verdict import parse_verdict
 
 @dataclass
 class _Item:
-    index: int
+    index: Hashable
+    """The request's key (its position for `judge`, the caller's key for a stream)."""
     messages: Messages
     num_steps: int
 
@@ -62,60 +65,25 @@ class GenRMClient:
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         """One verdict per request, in order, returned by the deadline."""
-        deadline = time.monotonic() + self.deadline_s
-        verdicts: list[Verdict | None] = [None] * len(requests)
-        items = []
+        stream = self.open_stream()
         for index, request in enumerate(requests):
-            steps = split_steps(request.solution, self.max_steps)
-            if not steps:
-                verdicts[index] = Verdict(VerdictStatus.ERROR, detail="empty solution: no steps to judge", attempts=0)
-                continue
-            messages = build_genrm_messages(request.problem, steps, request.ground_truth)
-            items.append(_Item(index, messages, len(steps)))
-        for item, verdict in zip(items, self._run(items, deadline)):
-            verdicts[item.index] = verdict
-        self.last_counts = JudgeCounts.from_verdicts(verdicts)
-        self.total_counts.merge(self.last_counts)
-        return verdicts
+            stream.submit(index, request)
+        verdicts = stream.collect()
+        return [verdicts[index] for index in range(len(requests))]
 
-    def _run(self, items: list[_Item], deadline: float) -> list[Verdict]:
-        """Send `items` in calls of the transport's batch shape; what is not back by the deadline times out."""
-        batch_size = 1 if self.transport.parallel_calls else self.concurrency
-        workers = self.concurrency if self.transport.parallel_calls else 1
-        batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-        results: dict[int, list[Verdict]] = {}
-        stop = threading.Event()
-        executor = ThreadPoolExecutor(max_workers=max(1, min(workers, len(batches))), thread_name_prefix="genrm")
-        futures: dict[Future, int] = {
-            executor.submit(self._call_with_retries, batch, deadline, stop): number
-            for number, batch in enumerate(batches)
-        }
-        pending = set(futures)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
-            for future in done:
-                results[futures[future]] = future.result()
-        stop.set()
-        # HTTP calls end by their whole-request deadline (<= the batch deadline), so waiting for them is bounded and
-        # no thread outlives `judge`; an in-process engine cannot be interrupted, its call finishes on its own.
-        executor.shutdown(wait=self.transport.parallel_calls, cancel_futures=True)
-        verdicts = []
-        for number, batch in enumerate(batches):
-            verdicts.extend(results.get(number) or [self._deadline_verdict(item) for item in batch])
-        return verdicts
+    def open_stream(self) -> VerdictStream:
+        """A stream to submit requests one at a time while the rollout still runs (see VerdictStream)."""
+        return VerdictStream(self)
 
     def _deadline_verdict(self, item: _Item) -> Verdict:
         return Verdict(
             VerdictStatus.TIMEOUT, num_steps=item.num_steps, detail=f"batch deadline of {self.deadline_s:.1f}s passed"
         )
 
-    def _call_with_retries(self, batch: list[_Item], deadline: float, stop: threading.Event) -> list[Verdict]:
+    def _call_with_retries(self, batch: list[_Item], deadline: _Deadline, stop: threading.Event) -> list[Verdict]:
         failure = _Failure(VerdictStatus.TIMEOUT, "deadline passed before the request was sent", 0)
         for attempt in range(self.retries + 1):
-            remaining = deadline - time.monotonic()
+            remaining = deadline.remaining()
             if stop.is_set() or remaining <= 0:
                 break
             try:
@@ -127,7 +95,7 @@ class GenRMClient:
                 failure = _Failure(err.status, str(err), attempt + 1)
                 if not err.retryable:
                     break
-                stop.wait(min(self.backoff_s * 2**attempt, max(deadline - time.monotonic(), 0.0)))
+                stop.wait(min(self.backoff_s * 2**attempt, max(deadline.remaining(), 0.0)))
                 continue
             except Exception as err:  # noqa: BLE001 - a judge bug must become a counted error, not a crashed step
                 failure = _Failure(VerdictStatus.ERROR, f"{type(err).__name__}: {err}", attempt + 1)
@@ -142,3 +110,111 @@ class GenRMClient:
             Verdict(failure.status, num_steps=item.num_steps, detail=failure.detail, attempts=failure.attempts)
             for item in batch
         ]
+
+
+class _Deadline:
+    """The step's bound on its verdicts: none while requests are still being submitted, `deadline_s` from the
+    moment the step starts waiting (so the step never waits longer than it did when every request left at once)."""
+
+    def __init__(self):
+        self.at = math.inf
+
+    def start(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+
+class VerdictStream:
+    """Verdicts of one step, asked for one request at a time as rollouts finish.
+
+    `submit(key, request)` sends the request at once (within `concurrency`) when the transport takes parallel calls
+    (HTTP); an in-process engine transport batches, so its requests wait for `collect`. `collect()` starts the
+    deadline, waits for the tail and returns exactly one verdict per submitted key: what is not back by the
+    deadline is a timeout verdict, never missing; a key submitted twice is an error. `busy_seconds` is the wall
+    time during which at least one request was outstanding (the judge's busy time, logged as `time/genrm`).
+    """
+
+    def __init__(self, client: GenRMClient):
+        self.client = client
+        self.deadline = _Deadline()
+        self.busy_seconds = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._busy_since = 0.0
+        self._verdicts: dict = {}
+        self._buffered: list[_Item] = []
+        self._futures: dict[Future, list[_Item]] = {}
+        self._keys: dict = {}
+        """Submitted keys, in order (a dict for the membership test)."""
+        self._collected = False
+        workers = client.concurrency if client.transport.parallel_calls else 1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genrm")
+
+    def submit(self, key, request: JudgeRequest) -> None:
+        if self._collected:
+            raise RuntimeError("VerdictStream.submit after collect(): open a new stream for the next step")
+        if key in self._keys:
+            raise ValueError(f"GenRM request {key!r} submitted twice; every rollout is judged once")
+        self._keys[key] = None
+        client = self.client
+        steps = split_steps(request.solution, client.max_steps)
+        if not steps:
+            self._verdicts[key] = Verdict(VerdictStatus.ERROR, detail="empty solution: no steps to judge", attempts=0)
+            return
+        item = _Item(key, build_genrm_messages(request.problem, steps, request.ground_truth), len(steps))
+        if client.transport.parallel_calls:
+            self._dispatch([item])
+        else:
+            self._buffered.append(item)
+
+    def collect(self) -> dict:
+        """{key: verdict} for every submitted key, returned by the deadline (counted into the client's counts)."""
+        if self._collected:
+            raise RuntimeError("VerdictStream.collect() called twice")
+        self._collected = True
+        client = self.client
+        self.deadline.start(client.deadline_s)
+        for start in range(0, len(self._buffered), client.concurrency):
+            self._dispatch(self._buffered[start : start + client.concurrency])
+        pending = set(self._futures)
+        while pending:
+            remaining = self.deadline.remaining()
+            if remaining <= 0:
+                break
+            done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            for future in done:
+                for item, verdict in zip(self._futures[future], future.result()):
+                    self._verdicts[item.index] = verdict
+        self._stop.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for future in pending:
+            for item in self._futures[future]:
+                self._verdicts[item.index] = client._deadline_verdict(item)
+        with self._lock:
+            if self._outstanding:
+                self.busy_seconds += time.monotonic() - self._busy_since
+                self._outstanding = 0
+        verdicts = {key: self._verdicts[key] for key in self._keys}
+        client.last_counts = JudgeCounts.from_verdicts(list(verdicts.values()))
+        client.total_counts.merge(client.last_counts)
+        return verdicts
+
+    def _dispatch(self, batch: list[_Item]) -> None:
+        with self._lock:
+            if self._outstanding == 0:
+                self._busy_since = time.monotonic()
+            self._outstanding += 1
+        future = self._executor.submit(self.client._call_with_retries, batch, self.deadline, self._stop)
+        self._futures[future] = batch
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            if self._outstanding == 0:  # collect() already closed the books on a call cut by the deadline
+                return
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self.busy_seconds += time.monotonic() - self._busy_since

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -93,16 +93,40 @@ class PolicyWorker:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """This rank's engine samples its share of `prompts`; prompt_index refers to the full list."""
-        if self.engine is None:
+        shard = self._shard(len(prompts))
+        if not shard:
             return []
-        shard = prompt_shard(len(prompts), self.engine_ranks.index(self.rank), len(self.engine_ranks))
-        if not len(shard):
-            return []
-        params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
-        generations = self.engine.generate([list(prompts[i]) for i in shard], params)
+        generations = self.engine.generate([list(prompts[i]) for i in shard], self._shard_params(params, shard))
         for gen in generations:
             gen.prompt_index += shard.start
         return generations
+
+    def generate_stream(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Iterator[list[tuple[int, Generation]]]:
+        """`generate`, reporting samples as the engine finishes them: chunks of (position, generation) where
+        position is the sample's index in the step's prompt-major list (shards are contiguous, so it is the shard's
+        first row plus the engine's own position). Run through `WorkerGroup.stream`, the trainer sees each chunk
+        while this rank still generates; the samples are those `generate` gives."""
+        shard = self._shard(len(prompts))
+        if not shard:
+            return
+        first_row = shard.start * params.n
+        chunks = self.engine.generate_stream([list(prompts[i]) for i in shard], self._shard_params(params, shard))
+        for chunk in chunks:
+            for _, gen in chunk:
+                gen.prompt_index += shard.start
+            yield [(first_row + position, gen) for position, gen in chunk]
+
+    def _shard(self, num_prompts: int) -> range:
+        """This rank's prompts (empty on ranks without an engine)."""
+        if self.engine is None:
+            return range(0)
+        return prompt_shard(num_prompts, self.engine_ranks.index(self.rank), len(self.engine_ranks))
+
+    @staticmethod
+    def _shard_params(params: SamplingParams, shard: range) -> SamplingParams:
+        return dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
 
     def wake_actor(self) -> None:
         """Training phase: the engine gives its device memory back, the actor's state returns to the device."""

@@ -6,7 +6,10 @@ What it answers is steered by a directive in the problem text, `[[judge:X]]`:
   an integer N -> "...\\boxed{N}";  garbage -> prose without a box;  slow -> sleeps 30 s first;
   503 -> HTTP 503 every time;  flaky -> HTTP 503 on the first try of that prompt, then -1;  drop -> closes the
   connection without answering;  400 -> HTTP 400.  No directive -> "\\boxed{-1}".
-Run as a script (`python genrm_standin_server.py openai|sglang [delay_s]`) it prints its port and serves until killed.
+`delay_s` is added to every answer; `concurrency` > 0 lets only that many requests be answered at once (the others
+queue, like a judge with a fixed number of decoding slots).
+Run as a script (`python genrm_standin_server.py openai|sglang [delay_s [concurrency]]`) it prints its port and
+serves until killed.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ DIRECTIVE = re.compile(r"\[\[judge:([^\]]+)\]\]")
 class StandinGenRM(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, api: str, delay_s: float = 0.0):
+    def __init__(self, api: str, delay_s: float = 0.0, concurrency: int = 0):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.api, self.delay_s = api, delay_s
+        self.slots = threading.Semaphore(concurrency) if concurrency > 0 else None
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -60,7 +64,11 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests.append(body)
             tries = self.server.seen[prompt] = self.server.seen.get(prompt, 0) + 1
-        time.sleep(self.server.delay_s)
+        if self.server.slots is None:
+            time.sleep(self.server.delay_s)
+        else:
+            with self.server.slots:
+                time.sleep(self.server.delay_s)
         match = DIRECTIVE.search(prompt)
         directive = match.group(1) if match else "-1"
         if directive == "slow":
@@ -111,6 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = StandinGenRM(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+    delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    server = StandinGenRM(sys.argv[1], delay, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     print(server.server_address[1], flush=True)
     server.serve_forever()

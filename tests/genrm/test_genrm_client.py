@@ -132,6 +132,52 @@ def test_server_killed_mid_batch_returns_by_deadline_with_everything_counted():
     assert counts.unavailable + counts.timed_out + counts.errors == 24 - len(ok) and counts.clean == 0
 
 
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_stream_sends_each_request_on_submit_and_matches_verdicts_to_keys():
+    """Requests leave as they are submitted (before collect), each once; verdicts come back under their keys."""
+    with StandinGenRM("sglang") as server:
+        judge = client("sglang", server.url)
+        stream = judge.open_stream()
+        stream.submit(("p0", 3), request("2"))
+        stream.submit(("p1", 0), request("-1"))
+        _wait_for(lambda: len(server.requests) == 2)  # sent while the "rollout" still runs
+        stream.submit(("p0", 1), request("0"))
+        stream.submit(("p2", 5), request("garbage"))
+        with pytest.raises(ValueError, match="submitted twice"):
+            stream.submit(("p1", 0), request("1"))
+        verdicts = stream.collect()
+        assert list(server.seen.values()) == [1, 1, 1, 1]  # every request judged once
+    assert list(verdicts) == [("p0", 3), ("p1", 0), ("p0", 1), ("p2", 5)]
+    assert [v.first_error_step for v in verdicts.values()] == [2, -1, 0, None]
+    assert judge.last_counts.asked == 4 and judge.last_counts.unparseable == 1
+    assert 0 < stream.busy_seconds
+    with pytest.raises(RuntimeError, match="after collect"):
+        stream.submit(("p3", 0), request("1"))
+
+
+def test_stream_deadline_counts_from_collect_not_from_submit():
+    """A request answered while submissions go on is kept although it took longer than the deadline; one still out
+    when the step waits gets at most the deadline: the step never waits longer than before."""
+    with StandinGenRM("openai", delay_s=0.6) as server:
+        judge = client("openai", server.url, request_timeout_s=5.0, deadline_s=0.4, retries=0)
+        stream = judge.open_stream()
+        stream.submit(0, request("1"))
+        _wait_for(lambda: len(server.requests) == 1)
+        time.sleep(0.8)  # the rollout goes on; the answer comes back meanwhile
+        stream.submit(1, request("slow"))
+        start = time.monotonic()
+        verdicts = stream.collect()
+        waited = time.monotonic() - start
+    assert verdicts[0].first_error_step == 1 and verdicts[1].status == VerdictStatus.TIMEOUT
+    assert waited < 1.0 and judge.last_counts.timed_out == 1
+
+
 def test_empty_solution_is_an_error_not_a_call():
     with StandinGenRM("openai") as server:
         verdicts = client("openai", server.url).judge([JudgeRequest("q", " \n\n ", "1"), request("0")])
