@@ -14,6 +14,7 @@ it off, and an attached server must not set it, or its log-probs will not match 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -46,6 +48,28 @@ def pause_request(version: str) -> dict:
     in-flight requests (back to the waiting queue, KV cache may be flushed); before, the endpoint reads no body and
     always aborts what is in flight."""
     return {"mode": "retract"} if Version(version) >= Version("0.5.6") else {}
+
+
+def checkpoint_parameter_names(model_path: str) -> set[str] | None:
+    """The tensor names a push may carry: a real server's load_weights takes the HF checkpoint's names and only logs a
+    warning for others, so a name-map bug would leave the served model unchanged. A tied `lm_head.weight` is not
+    stored but may be pushed (SGLang's models skip it). None when `model_path` is no local checkpoint (a hub id, or a
+    path on another node): nothing to check against."""
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"])
+    elif (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as checkpoint:
+            names = set(checkpoint.keys())
+    else:
+        return None
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings"):
+        names.add("lm_head.weight")
+    return names
 
 
 def require_sglang() -> str:
@@ -237,6 +261,8 @@ class SGLangEngine(Engine):
         self._released_tags: set[str] = set()
         self._started = False
         self.server_version: str | None = None  # GET /get_server_info "version", read on start()
+        self.served_model_path: str | None = None  # GET /get_model_info "model_path", read on start()
+        self._served_names: set[str] | None = None
 
     def _make_transport(self):
         if self._transport_kind == "tensor":
@@ -260,6 +286,8 @@ class SGLangEngine(Engine):
         elif not self.client.health_generate():
             raise EngineError(f"no healthy SGLang server at {self.url}")
         self.server_version = self._read_server_version()
+        self.served_model_path = self.client.get_model_info()["model_path"]
+        self._served_names = checkpoint_parameter_names(self.served_model_path)
         self._started = True
 
     def _read_server_version(self) -> str:
@@ -413,7 +441,8 @@ class SGLangEngine(Engine):
         self.client.pause_generation(pause_request(self.server_version))
         try:
             self.client.flush_cache()
-            for bucket in bucket_named_tensors(named, self.bucket_bytes):
+            for sent, bucket in enumerate(bucket_named_tensors(named, self.bucket_bytes)):
+                self._check_names(bucket, sent)
                 self.transport.send(bucket, weight_version=version)
         finally:
             self.client.continue_generation()
@@ -421,6 +450,16 @@ class SGLangEngine(Engine):
         if served != version:
             raise EngineError(f"{self.url} serves weight version {served!r} after pushing version {version!r}")
         self.weight_version += 1
+
+    def _check_names(self, bucket: WeightBucket, buckets_sent: int) -> None:
+        if self._served_names is None:
+            return
+        for name, _ in bucket:
+            if name not in self._served_names:
+                raise EngineError(
+                    f"pushed tensor {name!r} is not a parameter of the served checkpoint {self.served_model_path} "
+                    f"(SGLang would ignore it); {buckets_sent} bucket(s) of this push were sent before it"
+                )
 
     def release_memory(self) -> None:
         """Flush, then free weights, KV cache and CUDA graphs (the server must run with enable_memory_saver)."""

@@ -18,7 +18,7 @@ from engine_fixtures import char_tokenizer, teacher_forced_logprobs, tiny_qwen2
 
 from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine
-from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs, require_sglang
+from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs, checkpoint_parameter_names, require_sglang
 from fapo_megatron.engines.weight_sync import (
     bucket_named_tensors,
     flatten_bucket,
@@ -125,10 +125,17 @@ def test_update_weights_call_sequence_and_buckets(engine, checkpoints):
     assert engine.generate(["hello world"], params)[0].token_ids == ref.token_ids
 
 
-def test_update_weights_bad_name_is_reported(engine):
-    with pytest.raises(EngineError, match="no.such.weight"):
-        engine.update_weights([[("no.such.weight", torch.zeros(2))]])
-    assert calls(engine.url)[-1]["path"] == "/continue_generation"  # generation resumes even after a failure
+def test_update_weights_unknown_name_raises_before_sending(engine, checkpoints):
+    """A real server only logs a warning for an unknown name, so the engine checks against the served checkpoint."""
+    start = len(calls(engine.url))
+    named = list(tiny_qwen2(seed=1).state_dict().items())
+    with pytest.raises(EngineError, match=r"'model\.layers\.0\.no_such\.weight' is not a parameter .*tiny0"):
+        engine.update_weights([named[:1] + [("model.layers.0.no_such.weight", torch.zeros(2))]])
+    paths = [c["path"] for c in calls(engine.url)[start:]]
+    assert "/update_weights_from_tensor" not in paths  # named[:1] shares the bad name's bucket
+    assert paths[-1] == "/continue_generation"  # generation resumes even after a failure
+    # The checked names are the model's own: stored tensors plus the tied lm_head.weight the checkpoint leaves out.
+    assert checkpoint_parameter_names(checkpoints[0]) == {name for name, _ in named}
 
 
 def test_release_resume_order(engine):
