@@ -176,6 +176,13 @@ class StandIn:
         return self._load(named, body.get("weight_version"))
 
     def _load(self, named, weight_version):
+        # As SGLang's models' load_weights (e.g. srt/models/qwen2.py): a name the model lacks is skipped with a
+        # logged warning, and the update still reports success.
+        params = dict(self.engine.model.named_parameters(remove_duplicate=False))
+        for name, _ in named:
+            if name not in params:
+                print(f"WARNING Parameter {name} not found in params_dict", file=sys.stderr)
+        named = [(name, tensor) for name, tensor in named if name in params]
         try:
             with self.lock:
                 self.engine.update_weights([named])

@@ -134,6 +134,10 @@ def test_update_weights_unknown_name_raises_before_sending(engine, checkpoints):
     paths = [c["path"] for c in calls(engine.url)[start:]]
     assert "/update_weights_from_tensor" not in paths  # named[:1] shares the bad name's bucket
     assert paths[-1] == "/continue_generation"  # generation resumes even after a failure
+    # Sent anyway, the server skips the name and reports success, as SGLang's load_weights does.
+    bucket = [("model.layers.0.no_such.weight", torch.zeros(2))]
+    ((flat, metadata),) = flatten_bucket(bucket)
+    engine.client.update_weights_from_tensor([serialize_flattened_bucket(flat, metadata)] * 2)
     # The checked names are the model's own: stored tensors plus the tied lm_head.weight the checkpoint leaves out.
     assert checkpoint_parameter_names(checkpoints[0]) == {name for name, _ in named}
 
