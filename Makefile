@@ -1,5 +1,6 @@
 # Two commands are the whole setup on a fresh machine (Python 3.11, no GPU):
-#   make test   create/refresh .venv, install, check formatting/lint, run the test suite
+#   make test   create/refresh .venv, install, unpack the SGLang wheels the contract tests read, check
+#               formatting/lint, run the test suite
 #   make demo   create/refresh .venv, install, run a small real FAPO training run on CPU
 #   make demo-compare   the same with a GRPO run beside it, plotted together
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
