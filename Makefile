@@ -1,5 +1,6 @@
 # Two commands are the whole setup on a fresh machine (Python 3.11, no GPU):
-#   make test   create/refresh .venv, install, check formatting/lint, run the test suite
+#   make test   create/refresh .venv, install, unpack the SGLang wheels the contract tests read, check
+#               formatting/lint, run the test suite
 #   make demo   create/refresh .venv, install, run a small real FAPO training run on CPU
 #   make demo-compare   the same with a GRPO run beside it, plotted together
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -12,8 +13,12 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 # A real Slurm (two emulated nodes on localhost) for tests/cluster/test_slurm_real.py; skipped there, with the
 # reason, when these cannot be installed (no root / no apt).
 SLURM_PKGS := slurmctld slurmd slurm-client munge
+# The oldest and newest SGLang of SUPPORTED_SGLANG (fapo_megatron/engines/sglang.py): their wheels are unpacked,
+# never installed, under .cache/sglang/<version>/ for the contract tests (tests/engines/test_sglang_contract.py).
+SGLANG_VERSIONS := 0.5.3 0.5.23
+SGLANG_WHEELS := .cache/sglang_wheels
 
-.PHONY: test lint demo demo-compare venv slurm-deps clean
+.PHONY: test lint demo demo-compare venv slurm-deps sglang-wheels clean
 
 venv: $(STAMP)
 
@@ -28,12 +33,26 @@ slurm-deps:
 	@command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends \
 		$(SLURM_PKGS) >/dev/null) || echo "slurm-deps: could not install $(SLURM_PKGS); the real-Slurm tests will skip"
 
+# Downloads only what is missing, unpacks into a temporary folder and renames it, so a cut-off run leaves no half tree.
+sglang-wheels: $(STAMP)
+	@for v in $(SGLANG_VERSIONS); do \
+		test -d .cache/sglang/$$v/sglang && continue; \
+		ls $(SGLANG_WHEELS)/sglang-$$v-*.whl >/dev/null 2>&1 || \
+			$(BIN)/python -m pip download --quiet --no-deps -d $(SGLANG_WHEELS) sglang==$$v || \
+			{ echo "sglang-wheels: could not download sglang==$$v into $(SGLANG_WHEELS) (the contract tests need it)"; \
+			exit 1; }; \
+		rm -rf .cache/sglang/$$v.tmp && mkdir -p .cache/sglang/$$v.tmp && \
+		$(BIN)/python -m zipfile -e $(SGLANG_WHEELS)/sglang-$$v-*.whl .cache/sglang/$$v.tmp && \
+		mv .cache/sglang/$$v.tmp .cache/sglang/$$v || \
+			{ echo "sglang-wheels: could not unpack sglang $$v into .cache/sglang/$$v"; exit 1; }; \
+	done
+
 # ruff.toml holds the rules (line length 119); `ruff format .` applies the formatting.
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-test: $(STAMP) slurm-deps lint
+test: $(STAMP) slurm-deps sglang-wheels lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

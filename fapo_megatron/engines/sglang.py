@@ -14,6 +14,7 @@ it off, and an attached server must not set it, or its log-probs will not match 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,15 +23,53 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
 from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
 
-SUPPORTED_SGLANG = ">=0.5.3,<0.6"
-MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
-"""SGLang's GPU memory types (sglang.srt.constants GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take."""
+SUPPORTED_SGLANG = ">=0.5.3,<=0.5.23"
+
+
+def memory_tags(version: str) -> set[str]:
+    """The GPU memory types (srt/constants.py GPU_MEMORY_TYPE_*) that release/resume_memory_occupation take:
+    0.5.3-0.5.4 know weights and kv_cache; cuda_graph comes in 0.5.5 (resuming an unknown tag crashes 0.5.3)."""
+    tags = {"weights", "kv_cache"}
+    return tags | {"cuda_graph"} if Version(version) >= Version("0.5.5") else tags
+
+
+def pause_request(version: str) -> dict:
+    """The /pause_generation body (managers/io_struct.py PauseGenerationReqInput): from 0.5.6 mode "retract" keeps
+    in-flight requests (back to the waiting queue, KV cache may be flushed); before, the endpoint reads no body and
+    always aborts what is in flight."""
+    return {"mode": "retract"} if Version(version) >= Version("0.5.6") else {}
+
+
+def checkpoint_parameter_names(model_path: str) -> set[str] | None:
+    """The tensor names a push may carry: a real server's load_weights takes the HF checkpoint's names and only logs a
+    warning for others, so a name-map bug would leave the served model unchanged. A tied `lm_head.weight` is not
+    stored but may be pushed (SGLang's models skip it). None when `model_path` is no local checkpoint (a hub id, or a
+    path on another node): nothing to check against."""
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"])
+    elif (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as checkpoint:
+            names = set(checkpoint.keys())
+    else:
+        return None
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings"):
+        names.add("lm_head.weight")
+    return names
 
 
 def require_sglang() -> str:
@@ -42,9 +81,6 @@ def require_sglang() -> str:
             f"the SGLang backend needs sglang{SUPPORTED_SGLANG} (pip install 'sglang{SUPPORTED_SGLANG}' on a GPU "
             f"machine); use rollout.backend=embedded on machines without it ({error})"
         ) from error
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     version = getattr(sglang, "__version__", "0")
     if Version(version) not in SpecifierSet(SUPPORTED_SGLANG):
         raise EngineError(f"sglang {version} is installed; the SGLang backend supports sglang{SUPPORTED_SGLANG}")
@@ -224,6 +260,9 @@ class SGLangEngine(Engine):
         self.transport = self._make_transport()
         self._released_tags: set[str] = set()
         self._started = False
+        self.server_version: str | None = None  # GET /get_server_info "version", read on start()
+        self.served_model_path: str | None = None  # GET /get_model_info "model_path", read on start()
+        self._served_names: set[str] | None = None
 
     def _make_transport(self):
         if self._transport_kind == "tensor":
@@ -246,7 +285,23 @@ class SGLangEngine(Engine):
             self._process.start()
         elif not self.client.health_generate():
             raise EngineError(f"no healthy SGLang server at {self.url}")
+        self.server_version = self._read_server_version()
+        self.served_model_path = self.client.get_model_info()["model_path"]
+        self._served_names = checkpoint_parameter_names(self.served_model_path)
         self._started = True
+
+    def _read_server_version(self) -> str:
+        """The served SGLang version, which decides memory tags and pause mode; outside the tested range: an error."""
+        version = self.client.get_server_info().get("version")
+        try:
+            supported = Version(str(version)) in SpecifierSet(SUPPORTED_SGLANG)
+        except InvalidVersion:
+            supported = False
+        if not supported:
+            raise EngineError(
+                f"{self.url} runs sglang {version!r}; the SGLang backend supports sglang{SUPPORTED_SGLANG}"
+            )
+        return str(version)
 
     def healthy(self) -> bool:
         return self._started and self.client.health_generate(timeout_s=10.0)
@@ -383,10 +438,11 @@ class SGLangEngine(Engine):
         version = str(self.weight_version + 1)
         named = (pair for bucket in buckets for pair in bucket)
         self.transport.connect()
-        self.client.pause_generation()
+        self.client.pause_generation(pause_request(self.server_version))
         try:
             self.client.flush_cache()
-            for bucket in bucket_named_tensors(named, self.bucket_bytes):
+            for sent, bucket in enumerate(bucket_named_tensors(named, self.bucket_bytes)):
+                self._check_names(bucket, sent)
                 self.transport.send(bucket, weight_version=version)
         finally:
             self.client.continue_generation()
@@ -395,22 +451,35 @@ class SGLangEngine(Engine):
             raise EngineError(f"{self.url} serves weight version {served!r} after pushing version {version!r}")
         self.weight_version += 1
 
+    def _check_names(self, bucket: WeightBucket, buckets_sent: int) -> None:
+        if self._served_names is None:
+            return
+        for name, _ in bucket:
+            if name not in self._served_names:
+                raise EngineError(
+                    f"pushed tensor {name!r} is not a parameter of the served checkpoint {self.served_model_path} "
+                    f"(SGLang would ignore it); {buckets_sent} bucket(s) of this push were sent before it"
+                )
+
     def release_memory(self) -> None:
         """Flush, then free weights, KV cache and CUDA graphs (the server must run with enable_memory_saver)."""
         if not self._started or self._released_tags:
             return
         self.client.flush_cache()
         self.client.release_memory_occupation(tags=None)
-        self._released_tags = set(MEMORY_TAGS)
+        self._released_tags = memory_tags(self.server_version)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
         """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
         if not self._started or not self._released_tags:
             return
-        unknown = set(tags or ()) - MEMORY_TAGS
+        known = memory_tags(self.server_version)
+        unknown = set(tags or ()) - known
         if unknown:
-            raise ValueError(f"unknown SGLang memory tags {sorted(unknown)}; known: {sorted(MEMORY_TAGS)}")
-        partial = self._released_tags != MEMORY_TAGS
+            raise ValueError(
+                f"SGLang {self.server_version} knows no memory tags {sorted(unknown)}; known: {sorted(known)}"
+            )
+        partial = self._released_tags != known
         wanted = set(tags) if tags is not None else set(self._released_tags)
         # None asks the server for everything it released; after a partial resume, name what is left.
         self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)

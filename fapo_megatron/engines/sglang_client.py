@@ -87,8 +87,8 @@ class SGLangClient:
                 raise EngineError(f"{self.base_url}/flush_cache: requests still running after {timeout_s} s")
             time.sleep(0.2)
 
-    def pause_generation(self) -> None:
-        self._call("POST", "pause_generation", {})
+    def pause_generation(self, body: dict | None = None) -> None:
+        self._call("POST", "pause_generation", body or {})
 
     def continue_generation(self) -> None:
         self._call("POST", "continue_generation", {})
@@ -96,7 +96,10 @@ class SGLangClient:
     def get_weight_version(self) -> str | None:
         """The served weight version, from GET /get_model_info: every 0.5.x carries `weight_version` there, while
         /get_weight_version answers 404 from 0.5.6 (deprecated) and is gone from 0.5.21 (http_server.py)."""
-        return self._call("GET", "get_model_info", retry=True).json()["weight_version"]
+        return self.get_model_info()["weight_version"]
+
+    def get_model_info(self) -> dict[str, Any]:
+        return self._call("GET", "get_model_info", retry=True).json()
 
     def get_server_info(self) -> dict[str, Any]:
         return self._call("GET", "get_server_info", retry=True).json()

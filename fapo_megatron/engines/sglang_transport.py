@@ -1,6 +1,6 @@
 """Weight transports from the trainer into an SGLang server, one class per transport (as slime does).
 
-TensorTransport:      bucket -> flatten (uint8) -> serialize (CUDA IPC handle on GPU) -> POST
+TensorTransport:      bucket -> flatten (one tensor per dtype) -> serialize (CUDA IPC handle on GPU) -> POST
                       /update_weights_from_tensor.
 DistributedTransport: bucket -> POST /update_weights_from_distributed (names, dtypes, shapes) + broadcast each tensor
                       from rank 0 of a side group (NCCL on GPU) that the server joined via /init_weights_update_group.
@@ -42,13 +42,16 @@ class TensorTransport:
         """Nothing to set up: every call carries its own handles."""
 
     def send(self, bucket: WeightBucket, *, weight_version: str) -> None:
-        flat, metadata = flatten_bucket(bucket)
-        payload = serialize_flattened_bucket(flat, metadata)
-        # One entry per TP rank; each rank opens the same handle (a multi-rank trainer would send each rank's own).
-        self.client.update_weights_from_tensor(
-            [payload] * self.tp_size, load_format="flattened_bucket", flush_cache=False, weight_version=weight_version
-        )
-        del flat  # the server has answered, so it has copied out of the shared memory
+        for flat, metadata in flatten_bucket(bucket):  # one request per dtype: every SGLang 0.5.x rebuilds it
+            payload = serialize_flattened_bucket(flat, metadata)
+            # One entry per TP rank; each rank opens the same handle (a multi-rank trainer would send each its own).
+            self.client.update_weights_from_tensor(
+                [payload] * self.tp_size,
+                load_format="flattened_bucket",
+                flush_cache=False,
+                weight_version=weight_version,
+            )
+            del flat  # the server has answered, so it has copied out of the shared memory
         _record(self.stats, bucket)
 
     def close(self) -> None:

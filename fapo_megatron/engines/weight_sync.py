@@ -2,7 +2,8 @@
 side process group SGLang's distributed update joins.
 
 The wire format is SGLang's `update_weights_from_tensor(load_format="flattened_bucket")` payload: one
-base64 string per TP rank holding a pickled {"flattened_tensor": uint8 tensor, "metadata": [...]}.
+base64 string per TP rank holding a pickled {"flattened_tensor": tensor, "metadata": [...]}, one request per dtype
+of a bucket (see flatten_bucket).
   * CUDA tensors are pickled with multiprocessing's ForkingPickler, which torch reduces to a CUDA IPC
     handle: only metadata crosses HTTP, the server maps the trainer's memory and copies on the device.
     The trainer must keep the flattened tensor alive until the server has answered.
@@ -28,7 +29,6 @@ import torch
 from fapo_megatron.engine_protocol import WeightBucket
 
 MB = 1 << 20
-ALIGN_BYTES = 16
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -54,43 +54,46 @@ def bucket_named_tensors(
         yield bucket
 
 
-def flatten_bucket(bucket: WeightBucket) -> tuple[torch.Tensor, list[types.SimpleNamespace]]:
-    """Concatenate the bucket's bytes (mixed dtypes allowed) and describe where each tensor lies.
+def flatten_bucket(bucket: WeightBucket) -> list[tuple[torch.Tensor, list[types.SimpleNamespace]]]:
+    """One flattened tensor per dtype (in order of first appearance), each in its own dtype with element offsets.
 
-    Each tensor starts on a 16-byte boundary (zero padding between), so the receiver can view the bytes
-    as any dtype; SGLang reads only [start_idx, end_idx) of each, so the padding is invisible to it.
+    SGLang 0.5.3-0.5.5 rebuild a flattened bucket as `flat[start_idx:end_idx].reshape(shape).to(dtype)` (element
+    offsets, one dtype), 0.5.6+ as `flat[start_idx:end_idx].view(dtype).reshape(shape)` (weight_sync/
+    tensor_bucket.py). A single-dtype flat tensor with element offsets reads back bit-exact under both; a mixed
+    raw-bytes layout would be cast element-wise by the older versions.
     """
     if not bucket:
         raise ValueError("cannot flatten an empty weight bucket")
     devices = {tensor.device for _, tensor in bucket}
     if len(devices) != 1:
         raise ValueError(f"a weight bucket must sit on one device, got {sorted(map(str, devices))}")
-    device = devices.pop()
-    parts, metadata, offset = [], [], 0
+    by_dtype: dict[torch.dtype, WeightBucket] = {}
     for name, tensor in bucket:
-        pad = -offset % ALIGN_BYTES
-        if pad:
-            parts.append(torch.zeros(pad, dtype=torch.uint8, device=device))
-            offset += pad
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        parts.append(flat)
-        metadata.append(
-            types.SimpleNamespace(
-                name=name,
-                shape=tensor.shape,
-                dtype=tensor.dtype,
-                start_idx=offset,
-                end_idx=offset + flat.numel(),
-                numel=flat.numel(),
+        by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
+    flattened = []
+    for dtype, group in by_dtype.items():
+        parts, metadata, offset = [], [], 0
+        for name, tensor in group:
+            flat = tensor.detach().contiguous().view(-1)
+            parts.append(flat)
+            metadata.append(
+                types.SimpleNamespace(
+                    name=name,
+                    shape=tensor.shape,
+                    dtype=dtype,
+                    start_idx=offset,
+                    end_idx=offset + flat.numel(),
+                    numel=flat.numel(),
+                )
             )
-        )
-        offset += flat.numel()
-    return torch.cat(parts), metadata
+            offset += flat.numel()
+        flattened.append((torch.cat(parts), metadata))
+    return flattened
 
 
 def unflatten_bucket(flat: torch.Tensor, metadata) -> WeightBucket:
-    """Inverse of flatten_bucket (views into `flat`); what SGLang's FlattenedTensorBucket.reconstruct_tensors does."""
-    return [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+    """Inverse of flatten_bucket for one dtype group (views into `flat`)."""
+    return [(m.name, flat[m.start_idx : m.end_idx].reshape(m.shape)) for m in metadata]
 
 
 def serialize_flattened_bucket(flat: torch.Tensor, metadata) -> str:

@@ -1,14 +1,15 @@
 """A CPU stand-in for an SGLang server, for tests: same launch flags, same native HTTP JSON, real generation.
 
-Mirrors SGLang 0.5.3-0.5.x (`python/sglang/srt/entrypoints/http_server.py`, `managers/io_struct.py`,
-`managers/tokenizer_manager.py`, `weight_sync/tensor_bucket.py`): request bodies and response shapes of
-/generate (batch -> list, single -> dict; meta_info.finish_reason {"type": "stop", "matched": ...} or
-{"type": "length", "length": N}; meta_info.output_token_logprobs [[logprob, token_id, text|null], ...]),
-/update_weights_from_tensor (serialized_named_tensors, one base64 pickle per TP rank, load_format
-"flattened_bucket"), /init_weights_update_group + /update_weights_from_distributed (side process group,
-one broadcast per name in order), /release_memory_occupation and /resume_memory_occupation with tags,
-/pause_generation, /continue_generation, /flush_cache (400 while requests run), /health_generate,
-/get_model_info (weight_version; /get_weight_version is 404 or gone from 0.5.6), /get_server_info.
+Mirrors SGLang 0.5.3-0.5.23, playing the version named by $SGLANG_STANDIN_VERSION (default 0.5.23)
+(`python/sglang/srt/entrypoints/http_server.py`, `managers/io_struct.py`, `managers/tokenizer_manager.py`,
+`weight_sync/tensor_bucket.py`): request bodies and response shapes of /generate (batch -> list, single -> dict;
+meta_info.finish_reason {"type": "stop", "matched": ...} or {"type": "length", "length": N};
+meta_info.output_token_logprobs [[logprob, token_id, text|null], ...]), /update_weights_from_tensor
+(serialized_named_tensors, one base64 pickle per TP rank, load_format "flattened_bucket"),
+/init_weights_update_group + /update_weights_from_distributed (side process group, one broadcast per name in
+order), /release_memory_occupation and /resume_memory_occupation with tags, /pause_generation,
+/continue_generation, /flush_cache (400 while requests run), /health_generate, /get_model_info (weight_version;
+/get_weight_version is 404 or gone from 0.5.6), /get_server_info.
 Differences from SGLang: it runs an HF model on CPU through our EmbeddedEngine (one request row at a
 time), decodes CPU by-value pickles (real SGLang on GPU gets CUDA IPC handles), joins the side group with
 gloo (NCCL on GPU), refuses stop strings without a tokenizer, and adds GET /standin/calls, a log of every
@@ -20,6 +21,7 @@ Run: python sglang_standin.py --model-path DIR --port N [other sglang.launch_ser
 import argparse
 import base64
 import json
+import os
 import pickle
 import sys
 import threading
@@ -30,13 +32,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for EmbeddedEngine
 
 from fapo_megatron.engine_protocol import SamplingParams  # noqa: E402
 from fapo_megatron.engines.embedded import EmbeddedEngine  # noqa: E402
 
-MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
+# The SGLang version this stand-in plays (GET /get_server_info "version"); behaviour below follows that wheel.
+VERSION = os.environ.get("SGLANG_STANDIN_VERSION", "0.5.23")
+# srt/constants.py GPU_MEMORY_TYPE_*: 0.5.3-0.5.4 know weights and kv_cache; cuda_graph from 0.5.5.
+MEMORY_TAGS = {"weights", "kv_cache"} | ({"cuda_graph"} if Version(VERSION) >= Version("0.5.5") else set())
+# managers/io_struct.py PauseGenerationReqInput.mode, from 0.5.6; before, /pause_generation reads no body.
+PAUSE_MODES = ("abort", "retract", "in_place") if Version(VERSION) >= Version("0.5.6") else None
 
 
 def parse_args(argv):
@@ -153,7 +161,7 @@ class StandIn:
         if body.get("load_format") == "flattened_bucket":
             flat = payload["flattened_tensor"]
             metadata = payload["metadata"]
-            named = [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+            named = [(m.name, _reconstruct(flat, m)) for m in metadata]
         else:
             named = payload
         self.record(
@@ -168,6 +176,13 @@ class StandIn:
         return self._load(named, body.get("weight_version"))
 
     def _load(self, named, weight_version):
+        # As SGLang's models' load_weights (e.g. srt/models/qwen2.py): a name the model lacks is skipped with a
+        # logged warning, and the update still reports success.
+        params = dict(self.engine.model.named_parameters(remove_duplicate=False))
+        for name, _ in named:
+            if name not in params:
+                print(f"WARNING Parameter {name} not found in params_dict", file=sys.stderr)
+        named = [(name, tensor) for name, tensor in named if name in params]
         try:
             with self.lock:
                 self.engine.update_weights([named])
@@ -239,8 +254,10 @@ class StandIn:
         self.released -= set(tags)
         return 200, None
 
-    def pause(self, _body):
-        self.record("/pause_generation")
+    def pause(self, body):
+        self.record("/pause_generation", body=body)
+        if PAUSE_MODES is not None and body.get("mode", "abort") not in PAUSE_MODES:
+            return 422, {"detail": f"mode must be one of {PAUSE_MODES}"}
         self.paused = True
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
@@ -257,7 +274,15 @@ class StandIn:
 
     def server_info(self, _body):
         info = {k: v for k, v in vars(self.args).items()}
-        return 200, {**info, "version": "0.5.3-standin", "weight_version": self.weight_version}
+        return 200, {**info, "version": VERSION, "weight_version": self.weight_version}
+
+
+def _reconstruct(flat, meta):
+    """FlattenedTensorBucket.reconstruct_tensors of the played version (weight_sync/tensor_bucket.py)."""
+    if Version(VERSION) >= Version("0.5.6"):
+        return flat[meta.start_idx : meta.end_idx].view(meta.dtype).reshape(meta.shape)
+    tensor = flat[meta.start_idx : meta.end_idx].reshape(meta.shape)
+    return tensor if tensor.dtype == meta.dtype else tensor.to(meta.dtype)
 
 
 def make_handler(state: StandIn):

@@ -18,7 +18,7 @@ from engine_fixtures import char_tokenizer, teacher_forced_logprobs, tiny_qwen2
 
 from fapo_megatron.engine_protocol import EngineError, SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine
-from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs, require_sglang
+from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs, checkpoint_parameter_names, require_sglang
 from fapo_megatron.engines.weight_sync import (
     bucket_named_tensors,
     flatten_bucket,
@@ -112,6 +112,7 @@ def test_update_weights_call_sequence_and_buckets(engine, checkpoints):
     assert paths == ["/pause_generation", "/flush_cache"] + ["/update_weights_from_tensor"] * num_updates + [
         "/continue_generation"
     ]
+    assert engine.server_version == "0.5.23" and log[0]["body"] == {"mode": "retract"}  # keeps in-flight requests
     updates = [c for c in log if c["path"] == "/update_weights_from_tensor"]
     expected_sizes = [sum(tensor_bytes(t) for _, t in b) for b in bucket_named_tensors(named, 16 * 1024)]
     assert [u["bytes"] for u in updates] == expected_sizes and len(updates) > 2
@@ -124,10 +125,21 @@ def test_update_weights_call_sequence_and_buckets(engine, checkpoints):
     assert engine.generate(["hello world"], params)[0].token_ids == ref.token_ids
 
 
-def test_update_weights_bad_name_is_reported(engine):
-    with pytest.raises(EngineError, match="no.such.weight"):
-        engine.update_weights([[("no.such.weight", torch.zeros(2))]])
-    assert calls(engine.url)[-1]["path"] == "/continue_generation"  # generation resumes even after a failure
+def test_update_weights_unknown_name_raises_before_sending(engine, checkpoints):
+    """A real server only logs a warning for an unknown name, so the engine checks against the served checkpoint."""
+    start = len(calls(engine.url))
+    named = list(tiny_qwen2(seed=1).state_dict().items())
+    with pytest.raises(EngineError, match=r"'model\.layers\.0\.no_such\.weight' is not a parameter .*tiny0"):
+        engine.update_weights([named[:1] + [("model.layers.0.no_such.weight", torch.zeros(2))]])
+    paths = [c["path"] for c in calls(engine.url)[start:]]
+    assert "/update_weights_from_tensor" not in paths  # named[:1] shares the bad name's bucket
+    assert paths[-1] == "/continue_generation"  # generation resumes even after a failure
+    # Sent anyway, the server skips the name and reports success, as SGLang's load_weights does.
+    bucket = [("model.layers.0.no_such.weight", torch.zeros(2))]
+    ((flat, metadata),) = flatten_bucket(bucket)
+    engine.client.update_weights_from_tensor([serialize_flattened_bucket(flat, metadata)] * 2)
+    # The checked names are the model's own: stored tensors plus the tied lm_head.weight the checkpoint leaves out.
+    assert checkpoint_parameter_names(checkpoints[0]) == {name for name, _ in named}
 
 
 def test_release_resume_order(engine):
@@ -160,6 +172,27 @@ def test_release_resume_order(engine):
         ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
     ]
     assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
+
+
+def test_oldest_supported_version_gets_its_tags_and_pause(checkpoints, monkeypatch):
+    """SGLang 0.5.3 knows no cuda_graph tag and reads no pause body; the push still lands (element-offset buckets)."""
+    monkeypatch.setenv("SGLANG_STANDIN_VERSION", "0.5.3")
+    old = launch(checkpoints[0])
+    try:
+        assert old.server_version == "0.5.3"
+        old.release_memory()
+        old.update_weights([list(tiny_qwen2(seed=1).state_dict().items())])
+        with pytest.raises(ValueError, match="cuda_graph"):
+            old.resume_memory(tags=["cuda_graph"])
+        old.resume_memory()
+        log = [c for c in calls(old.url) if c["path"] != "/generate"]
+        assert [c.get("tags") for c in log if "memory_occupation" in c["path"]] == [None, ["weights"], ["kv_cache"]]
+        assert [c["body"] for c in log if c["path"] == "/pause_generation"] == [{}]
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+        expected = reference(checkpoints[1]).generate(["abc"], params)[0]
+        assert old.generate(["abc"], params)[0].token_ids == expected.token_ids
+    finally:
+        old.shutdown()
 
 
 def test_distributed_transport_broadcasts_weights(engine, checkpoints):
@@ -215,7 +248,7 @@ def test_missing_sglang_is_a_clear_error(checkpoints):
         pass
     else:
         pytest.skip("sglang is installed here")
-    with pytest.raises(EngineError, match=r"sglang>=0\.5\.3,<0\.6"):
+    with pytest.raises(EngineError, match=r"sglang>=0\.5\.3,<=0\.5\.23"):
         require_sglang()
     engine = SGLangEngine(server=SGLangServerArgs(model_path=checkpoints[0], port=free_port()))
     with pytest.raises(EngineError, match="rollout.backend=embedded"):
@@ -231,11 +264,13 @@ def test_flattened_bucket_round_trip_mixed_dtypes():
         ("b.bias", torch.randn(7)),
         ("c.index", torch.arange(4, dtype=torch.int64).reshape(2, 2)),
     ]
-    flat, metadata = flatten_bucket(bucket)
-    assert flat.dtype == torch.uint8 and [m.start_idx for m in metadata] == [0, 32, 64]  # 16-byte aligned
-    assert [m.end_idx - m.start_idx for m in metadata] == [tensor_bytes(t) for _, t in bucket]
-    decoded = pickle.loads(base64.b64decode(serialize_flattened_bucket(flat, metadata)))
-    restored = unflatten_bucket(decoded["flattened_tensor"], decoded["metadata"])
+    groups = flatten_bucket(bucket)
+    assert [flat.dtype for flat, _ in groups] == [torch.bfloat16, torch.float32, torch.int64]  # one per dtype
+    assert [(m.start_idx, m.end_idx) for _, metadata in groups for m in metadata] == [(0, 15), (0, 7), (0, 4)]
+    restored = []
+    for flat, metadata in groups:
+        decoded = pickle.loads(base64.b64decode(serialize_flattened_bucket(flat, metadata)))
+        restored += unflatten_bucket(decoded["flattened_tensor"], decoded["metadata"])
     assert [n for n, _ in restored] == [n for n, _ in bucket]
     for (_, got), (_, want) in zip(restored, bucket):
         assert got.dtype == want.dtype and torch.equal(got, want)
