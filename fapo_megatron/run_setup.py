@@ -86,12 +86,14 @@ def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge |
     return GenRMGroup(session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num))
 
 
-def resume_path(trainer: TrainerConfig, output_dir: Path) -> Path | None:
+def resume_path(trainer: TrainerConfig, output_dir: Path, *, same_run: bool = False) -> Path | None:
     """The checkpoint this run continues from, or None for a fresh start.
 
     auto: the newest complete step folder under output_dir/checkpoints (`latest` is only a hint); none: fresh; else
     that checkpoint path. A fresh start into an output_dir that holds an earlier run's metrics or checkpoints is
     refused, since it would overwrite them, unless trainer.overwrite is set: then they are deleted first.
+    `same_run` (the output_dir's config.yaml is this run's config): with auto, this run restarting before its first
+    complete checkpoint (a requeue or kill between the step's metrics row and its save) starts over without asking.
     """
     checkpoint_dir = output_dir / "checkpoints"
     if trainer.resume not in ("auto", "none"):
@@ -101,7 +103,8 @@ def resume_path(trainer: TrainerConfig, output_dir: Path) -> Path | None:
         if newest is not None:
             return newest
     earlier = [p for p in (output_dir / METRICS_FILE, checkpoint_dir) if _holds_data(p)]
-    if earlier and not trainer.overwrite:
+    restarting = same_run and trainer.resume == "auto"
+    if earlier and not (trainer.overwrite or restarting):
         why = "has no complete checkpoint to resume" if trainer.resume == "auto" else "is trainer.resume=none"
         raise ConfigError(
             f"trainer.output_dir={output_dir} already holds {' and '.join(p.name for p in earlier)} of an earlier "

@@ -54,7 +54,9 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.trainer.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.resume_from = resume_path(cfg.trainer, self.output_dir)
+        written = self.output_dir / "config.yaml"
+        same_run = written.is_file() and written.read_text() == dump_yaml(cfg)
+        self.resume_from = resume_path(cfg.trainer, self.output_dir, same_run=same_run)
         """The checkpoint to resume from (None: a fresh start), decided before any data, Ray or worker starts."""
         self.data: RunData = load_run_data(cfg)
         self.sampler = PromptSampler(self.data.train, cfg.data.batch_size, cfg.data.seed)

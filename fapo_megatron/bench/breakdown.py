@@ -70,6 +70,9 @@ class RunBreakdown:
     steps: list[StepBreakdown]
     mean_seconds: dict[str, float] = field(default_factory=dict)
     shares: dict[str, float] = field(default_factory=dict)
+    """Of the wall time, per column (they sum to 1)."""
+    genrm_busy_share: float = 0.0
+    """The judge's busy time over wall time: it overlaps the columns when verdicts stream, so it is not one."""
     throughput: dict[str, float] = field(default_factory=dict)
     flops_per_token: dict[str, float] = field(default_factory=dict)
     mfu: dict[str, float | None] = field(default_factory=dict)
@@ -129,7 +132,7 @@ def summarize(run: RunBreakdown, shape: ModelShape, cfg: Config) -> RunBreakdown
     run.mean_seconds = {c: sum(s.seconds[c] for s in steps) / num for c in COLUMNS}
     run.shares = {c: sum(s.seconds[c] for s in steps) / wall for c in COLUMNS}
     run.mean_seconds["genrm_busy"] = sum(s.genrm_busy_seconds for s in steps) / num
-    run.shares["genrm_busy"] = sum(s.genrm_busy_seconds for s in steps) / wall
+    run.genrm_busy_share = sum(s.genrm_busy_seconds for s in steps) / wall
     response = sum(s.response_tokens for s in steps)
     actor_tokens = sum(s.response_tokens + s.prompt_tokens for s in steps)
     sequences = sum(s.sequences for s in steps)
@@ -265,7 +268,7 @@ def format_table(run: RunBreakdown) -> str:
     cells = " ".join(f"{run.mean_seconds[c]:>13.3f}" for c in COLUMNS)
     rows.append(f"{'mean':>6} {cells} {run.mean_wall_seconds:>9.3f} {run.mean_seconds['genrm_busy']:>11.3f}")
     cells = " ".join(f"{100 * run.shares[c]:>12.1f}%" for c in COLUMNS)
-    rows.append(f"{'share':>6} {cells} {'':>9} {100 * run.shares['genrm_busy']:>10.1f}%")
+    rows.append(f"{'share':>6} {cells} {'':>9} {100 * run.genrm_busy_share:>10.1f}%")
     t = run.throughput
     rows.append(
         f"model {run.model}, {run.device}, world size {run.world_size}; steps {run.steps[0].step}-"
@@ -274,7 +277,7 @@ def format_table(run: RunBreakdown) -> str:
     rows.append(
         f"response tokens/s {t['response_tokens_per_s']:.1f} ({t['response_tokens_per_s_per_device']:.1f} per "
         f"device); rollout {t['rollout_tokens_per_s_per_device']:.1f} tokens/s per device; GenRM visible "
-        f"{100 * run.shares['genrm_visible']:.1f} % of wall time, busy {100 * run.shares['genrm_busy']:.1f} %"
+        f"{100 * run.shares['genrm_visible']:.1f} % of wall time, busy {100 * run.genrm_busy_share:.1f} %"
     )
     f = run.flops_per_token
     rows.append(

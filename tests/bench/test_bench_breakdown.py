@@ -149,7 +149,7 @@ def test_run_breakdown_shares_tokens_and_mfu(tmp_path):
     }
     assert {c: run.shares[c] for c in COLUMNS} == pytest.approx({k: v / 19 for k, v in expected.items()})
     assert sum(run.shares[c] for c in COLUMNS) == pytest.approx(1.0)
-    assert run.shares["genrm_busy"] == pytest.approx(1.5 / 19)
+    assert run.genrm_busy_share == pytest.approx(1.5 / 19)
     assert run.mean_seconds["rollout"] == 3.0 and run.mean_wall_seconds == 9.5
     # response tokens 80 + 180 = 260 over 19 s on 2 devices
     assert run.throughput["response_tokens_per_s"] == pytest.approx(260 / 19)
@@ -208,7 +208,7 @@ def test_breakdown_command_writes_json_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "share" in printed and "actor MFU vs 1e-09 TFLOP/s" in printed
     saved = json.loads((tmp_path / "bench" / "breakdown.json").read_text())
-    assert saved["shares"]["rollout"] == pytest.approx(6 / 19) and set(saved["shares"]) == {*COLUMNS, "genrm_busy"}
+    assert saved["shares"]["rollout"] == pytest.approx(6 / 19) and set(saved["shares"]) == set(COLUMNS)
     assert saved["prompt_tokens_source"] == "replayed prompt sampler"
     png = (tmp_path / "bench" / "breakdown.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

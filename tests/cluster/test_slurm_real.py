@@ -164,11 +164,24 @@ def _wait_for_step(slurm, job: str, run_dir: Path, step: int, timeout_s: float) 
     raise TimeoutError(f"job {job} did not reach step {step} in {timeout_s} s")
 
 
+def _wait_for_checkpoint(slurm, job: str, run_dir: Path, timeout_s: float) -> None:
+    """Until a complete checkpoint exists (a step's metrics row is written before its save)."""
+    from fapo_megatron.megatron.checkpoint_files import newest_complete
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if newest_complete(run_dir / "checkpoints") is not None:
+            return
+        assert slurm.job_state(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_state(job)
+        time.sleep(1)
+    raise TimeoutError(f"job {job} wrote no complete checkpoint in {timeout_s} s")
+
+
 def test_requeued_run_resumes_at_the_latest_checkpoint(slurm, short_tmp):
     pytest.importorskip("fapo_megatron.trainer", reason="the trainer has not landed yet")
     run_dir = short_tmp / "run"
     job = submit(slurm, short_tmp, "trainer.steps=4", "trainer.checkpoint_interval=1", "trainer.val_interval=0")
-    _wait_for_step(slurm, job, run_dir, 1, 600)
+    _wait_for_checkpoint(slurm, job, run_dir, 600)
     slurm.run("scontrol", "requeue", job)
     state = slurm.wait_done(job, 900)
     log = job_log(short_tmp, job)

@@ -90,6 +90,18 @@ def test_fresh_start_into_earlier_run_is_refused_unless_overwrite(tmp_path, resu
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
+def test_same_run_restarting_before_its_first_checkpoint_starts_over(tmp_path):
+    """A requeue between step 1's metrics row and its save: the same config, resume=auto, starts over; another
+    config, or resume=none, is still refused."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000001.tmp").mkdir()
+    with pytest.raises(ConfigError, match="already holds"):
+        resume_path(TrainerConfig(output_dir=str(tmp_path), resume="none"), tmp_path, same_run=True)
+    assert resume_path(TrainerConfig(output_dir=str(tmp_path)), tmp_path, same_run=True) is None
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_rewinds_metrics_keeping_completed_rows_and_a_torn_line(tmp_path, caplog):
     rows = [json.dumps({"step": s, "reward/mean": s / 10}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "rew')  # killed mid-write
