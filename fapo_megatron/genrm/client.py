@@ -66,6 +66,7 @@ class GenRMClient:
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         """One verdict per request, in order, returned by the deadline."""
         stream = self.open_stream()
+        stream.start_deadline()  # every request is known now: each HTTP call is bounded by the deadline itself
         for index, request in enumerate(requests):
             stream.submit(index, request)
         verdicts = stream.collect()
@@ -120,7 +121,12 @@ class _Deadline:
         self.at = math.inf
 
     def start(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
+        if math.isinf(self.at):  # started once: a later start does not extend it
+            self.at = time.monotonic() + seconds
+
+    @property
+    def started(self) -> bool:
+        return not math.isinf(self.at)
 
     def remaining(self) -> float:
         return self.at - time.monotonic()
@@ -139,6 +145,7 @@ class VerdictStream:
     def __init__(self, client: GenRMClient):
         self.client = client
         self.deadline = _Deadline()
+        self._threads_bounded = False
         self.busy_seconds = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -170,6 +177,16 @@ class VerdictStream:
         else:
             self._buffered.append(item)
 
+    def start_deadline(self) -> None:
+        """Start the deadline before submitting (`judge`): then every call is bounded by it, and `collect` waits for
+        its threads, so none outlives the verdicts. A stream fed during the rollout starts it in `collect` instead,
+        and calls sent before that are bounded by request_timeout_s only."""
+        if self._futures or self._buffered:
+            raise RuntimeError("start_deadline() must come before the first submit")
+        self.deadline.start(self.client.deadline_s)
+        self._threads_bounded = self.client.transport.parallel_calls  # HTTP calls end by their deadline; an
+        # in-process engine cannot be interrupted, so its call may outlive the verdicts (as before)
+
     def collect(self) -> dict:
         """{key: verdict} for every submitted key, returned by the deadline (counted into the client's counts)."""
         if self._collected:
@@ -189,7 +206,7 @@ class VerdictStream:
                 for item, verdict in zip(self._futures[future], future.result()):
                     self._verdicts[item.index] = verdict
         self._stop.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=self._threads_bounded, cancel_futures=True)
         for future in pending:
             for item in self._futures[future]:
                 self._verdicts[item.index] = client._deadline_verdict(item)
