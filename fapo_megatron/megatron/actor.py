@@ -388,10 +388,6 @@ class MegatronActor:
         """Free `kinds` (params, grads, optimizer) from the device: gradients dropped, the rest to CPU memory."""
         self._offloader.offload(kinds)
 
-    @property
-    def offloaded(self) -> bool:
-        return self._offloader.offloaded
-
     def onload(self, kinds: tuple[str, ...] = KINDS) -> None:
         """Bring `kinds` back; the next step sees exactly the state it left."""
         self._offloader.onload(kinds)

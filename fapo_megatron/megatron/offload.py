@@ -36,10 +36,6 @@ class StateOffloader:
         self._freed_grads: list[tuple[torch.UntypedStorage, int]] = []
         self.resident: set[str] = set(KINDS)
 
-    @property
-    def offloaded(self) -> bool:
-        return not self.resident
-
     def _storages(self) -> dict[str, list[torch.UntypedStorage]]:
         """Each kind's distinct storages; one shared with an earlier kind counts there (fp32 main parameters
         without the distributed optimizer are the model's own)."""
