@@ -20,9 +20,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
@@ -43,11 +45,17 @@ def memory_tags(version: str) -> set[str]:
     return tags | {"cuda_graph"} if Version(version) >= Version("0.5.5") else tags
 
 
+def pause_keeps_in_flight(version: str) -> bool:
+    """From 0.5.6 /pause_generation takes a mode (managers/io_struct.py PauseGenerationReqInput) and "retract" keeps
+    in-flight requests (back to the waiting queue, finished after /continue_generation); before, the endpoint reads
+    no body and aborts everything in flight (tokenizer_manager.pause_generation: abort_request(abort_all=True))."""
+    return Version(version) >= Version("0.5.6")
+
+
 def pause_request(version: str) -> dict:
-    """The /pause_generation body (managers/io_struct.py PauseGenerationReqInput): from 0.5.6 mode "retract" keeps
-    in-flight requests (back to the waiting queue, KV cache may be flushed); before, the endpoint reads no body and
-    always aborts what is in flight."""
-    return {"mode": "retract"} if Version(version) >= Version("0.5.6") else {}
+    """The /pause_generation body: mode "retract" where the version has modes (its default, "abort", would end
+    in-flight requests), else none (the engine drains in-flight requests before pausing such a server)."""
+    return {"mode": "retract"} if pause_keeps_in_flight(version) else {}
 
 
 def checkpoint_parameter_names(model_path: str) -> set[str] | None:
@@ -107,6 +115,11 @@ class SGLangServerArgs:
     skip_tokenizer_init: bool = False
     """Token ids only, no detokenizer on the server: no text back and no stop strings. We send token ids either way."""
     dtype: str = "auto"
+    enable_deterministic_inference: bool = False
+    """Batch-invariant kernels, and per-request `sampling_seed` honoured: without it SGLang ignores the seeds."""
+    enable_weights_cpu_backup: bool = False
+    """Keep a host copy of the weights while they are released, so resume restores them: for engines nobody pushes
+    weights to (without it, released weights come back as uninitialised memory)."""
     extra_args: list[str] = field(default_factory=list)
     """More launch_server flags, passed through verbatim."""
     launch_command: list[str] | None = None
@@ -148,6 +161,10 @@ class SGLangServerArgs:
             args.append("--enable-memory-saver")
         if self.skip_tokenizer_init:
             args.append("--skip-tokenizer-init")
+        if self.enable_deterministic_inference:
+            args.append("--enable-deterministic-inference")
+        if self.enable_weights_cpu_backup:
+            args.append("--enable-weights-cpu-backup")
         return args + list(self.extra_args)
 
 
@@ -218,6 +235,8 @@ class SGLangEngine(Engine):
     `url` to attach to a running one. `transport` is "tensor" (colocated, CUDA IPC) or "distributed"
     (NCCL side group; then `distributed_master` = (address, port) of this trainer rank). Weights go out in
     buckets of `bucket_mb`; each sync is bracketed by pause/flush and continue and bumps `weight_version`.
+    `frozen` marks an engine nobody pushes weights to (a GenRM, a reference model): it releases only what the
+    server can rebuild (KV cache, CUDA graphs) unless the server keeps a CPU backup of its weights.
     """
 
     def __init__(
@@ -236,6 +255,8 @@ class SGLangEngine(Engine):
         max_restarts: int = 1,
         distributed_backend: str = "nccl",
         distributed_device: str = "cuda",
+        frozen: bool = False,
+        drain_timeout_s: float = 600.0,
     ):
         if (server is None) == (url is None):
             raise ValueError("SGLangEngine needs exactly one of server (launch) or url (attach)")
@@ -258,9 +279,18 @@ class SGLangEngine(Engine):
         self._transport_kind = transport
         self._distributed = (distributed_master, distributed_backend, distributed_device)
         self.transport = self._make_transport()
+        self.frozen = frozen
+        self.drain_timeout_s = drain_timeout_s
         self._released_tags: set[str] = set()
+        self._weights_lost = False  # weights released without a CPU backup and not pushed since
+        self._in_flight = 0  # our /generate calls under way (drained before pausing servers that abort them)
+        self._draining = False
+        self._gate = threading.Condition()
         self._started = False
         self.server_version: str | None = None  # GET /get_server_info "version", read on start()
+        self.weights_cpu_backup = False  # GET /get_server_info "enable_weights_cpu_backup", read on start()
+        self.deterministic = False  # GET /get_server_info "enable_deterministic_inference", read on start()
+        self._warned_seeds = False
         self.served_model_path: str | None = None  # GET /get_model_info "model_path", read on start()
         self._served_names: set[str] | None = None
 
@@ -285,14 +315,16 @@ class SGLangEngine(Engine):
             self._process.start()
         elif not self.client.health_generate():
             raise EngineError(f"no healthy SGLang server at {self.url}")
-        self.server_version = self._read_server_version()
+        self._read_server_info()
         self.served_model_path = self.client.get_model_info()["model_path"]
         self._served_names = checkpoint_parameter_names(self.served_model_path)
         self._started = True
 
-    def _read_server_version(self) -> str:
-        """The served SGLang version, which decides memory tags and pause mode; outside the tested range: an error."""
-        version = self.client.get_server_info().get("version")
+    def _read_server_info(self) -> None:
+        """The served SGLang version (memory tags, pause mode; outside the tested range: an error) and the launch
+        flags that decide how seeds and released weights behave."""
+        info = self.client.get_server_info()
+        version = info.get("version")
         try:
             supported = Version(str(version)) in SpecifierSet(SUPPORTED_SGLANG)
         except InvalidVersion:
@@ -301,7 +333,9 @@ class SGLangEngine(Engine):
             raise EngineError(
                 f"{self.url} runs sglang {version!r}; the SGLang backend supports sglang{SUPPORTED_SGLANG}"
             )
-        return str(version)
+        self.server_version = str(version)
+        self.weights_cpu_backup = bool(info.get("enable_weights_cpu_backup"))
+        self.deterministic = bool(info.get("enable_deterministic_inference"))
 
     def healthy(self) -> bool:
         return self._started and self.client.health_generate(timeout_s=10.0)
@@ -327,22 +361,49 @@ class SGLangEngine(Engine):
             raise EngineError("SGLangEngine is not started (call start())")
         if self._released_tags:
             raise EngineError(f"SGLangEngine memory is released ({sorted(self._released_tags)}); call resume_memory()")
+        if self._weights_lost:
+            raise EngineError(
+                f"{self.url} released its weights without --enable-weights-cpu-backup and none were pushed since: "
+                f"it would generate from uninitialised memory; call update_weights() first"
+            )
         if isinstance(prompts, str):
             raise TypeError("generate() takes a list of prompts, not one string")
         if params.stop and self.server_args is not None and self.server_args.skip_tokenizer_init:
             raise ValueError("stop strings need the server's tokenizer; launch without skip_tokenizer_init")
         rows, prompt_ids = self._rows(prompts, params.n)
-        payload = self._payload(rows, params)
+        payload = self._payload(rows, self._seeded(params))
+        with self._gate:  # a drain for a weight push lets no new request start
+            self._gate.wait_for(lambda: not self._draining)
+            self._in_flight += 1
         try:
-            outputs = self.client.generate(payload)
-        except ServerUnreachable:
-            self._recover()
-            outputs = self.client.generate(payload)
+            try:
+                outputs = self.client.generate(payload)
+            except ServerUnreachable:
+                self._recover()
+                outputs = self.client.generate(payload)
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                self._gate.notify_all()
         if isinstance(outputs, dict):
             outputs = [outputs]
         if len(outputs) != len(rows):
             raise EngineError(f"{self.url}/generate returned {len(outputs)} outputs for {len(rows)} requests")
         return [self._to_generation(out, index, prompt_ids[index]) for out, (index, _) in zip(outputs, rows)]
+
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        """Seeds only reach a server with deterministic inference (SGLang ignores `sampling_seed` otherwise): without
+        it, one warning and the seeds are left out."""
+        if params.seed is None or self.deterministic:
+            return params
+        if not self._warned_seeds:
+            warnings.warn(
+                f"{self.url} runs without --enable-deterministic-inference: sampling is not reproducible, "
+                f"seeds are not sent",
+                stacklevel=3,
+            )
+            self._warned_seeds = True
+        return replace(params, seed=None)
 
     def _rows(self, prompts, n: int):
         """One request row per sample, prompt-major; text is tokenized here when we hold the tokenizer."""
@@ -422,6 +483,7 @@ class SGLangEngine(Engine):
         self._process.start()
         self.transport = self._make_transport()
         self._released_tags = set()
+        self._weights_lost = False  # the restarted server loaded the checkpoint
         if self.weight_version > 0:
             raise EngineError(
                 f"SGLang server at {self.url} died and was restarted with the checkpoint weights; "
@@ -438,18 +500,52 @@ class SGLangEngine(Engine):
         version = str(self.weight_version + 1)
         named = (pair for bucket in buckets for pair in bucket)
         self.transport.connect()
-        self.client.pause_generation(pause_request(self.server_version))
+        self._pause()
         try:
             self.client.flush_cache()
             for sent, bucket in enumerate(bucket_named_tensors(named, self.bucket_bytes)):
                 self._check_names(bucket, sent)
                 self.transport.send(bucket, weight_version=version)
         finally:
-            self.client.continue_generation()
+            self._continue()
         served = self.client.get_weight_version()
         if served != version:
             raise EngineError(f"{self.url} serves weight version {served!r} after pushing version {version!r}")
         self.weight_version += 1
+        self._weights_lost = False
+
+    def _pause(self) -> None:
+        """Pause without losing requests in flight: "retract" where the version has it; on older versions, whose
+        pause aborts what runs, first hold our new requests, wait for ours to finish and for the server to be idle
+        (/flush_cache answers 200 only then), and pause after."""
+        if pause_keeps_in_flight(self.server_version):
+            self.client.pause_generation(pause_request(self.server_version))
+            return
+        with self._gate:
+            self._draining = True
+            drained = self._gate.wait_for(lambda: self._in_flight == 0, timeout=self.drain_timeout_s)
+        try:
+            if not drained:
+                raise EngineError(
+                    f"{self.url}: {self._in_flight} generate call(s) still running after {self.drain_timeout_s} s; "
+                    f"sglang {self.server_version} would abort them on pause"
+                )
+            self.client.flush_cache(timeout_s=self.drain_timeout_s)  # other clients' requests finish too
+            self.client.pause_generation(pause_request(self.server_version))
+        except BaseException:
+            self._end_drain()
+            raise
+
+    def _continue(self) -> None:
+        try:
+            self.client.continue_generation()
+        finally:
+            self._end_drain()
+
+    def _end_drain(self) -> None:
+        with self._gate:
+            self._draining = False
+            self._gate.notify_all()
 
     def _check_names(self, bucket: WeightBucket, buckets_sent: int) -> None:
         if self._served_names is None:
@@ -461,13 +557,29 @@ class SGLangEngine(Engine):
                     f"(SGLang would ignore it); {buckets_sent} bucket(s) of this push were sent before it"
                 )
 
-    def release_memory(self) -> None:
-        """Flush, then free weights, KV cache and CUDA graphs (the server must run with enable_memory_saver)."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Flush, then free `tags` (default: everything the server can get back; the server must run with
+        enable_memory_saver). Released weights come back as uninitialised memory unless the server keeps a CPU
+        backup: a frozen engine then keeps its weights, and any other must be pushed weights before it generates."""
         if not self._started or self._released_tags:
             return
+        known = memory_tags(self.server_version)
+        keeps_weights = self.frozen and not self.weights_cpu_backup
+        wanted = set(tags) if tags is not None else known - ({"weights"} if keeps_weights else set())
+        if wanted - known:
+            raise ValueError(
+                f"SGLang {self.server_version} knows no memory tags {sorted(wanted - known)}; known: {sorted(known)}"
+            )
+        if "weights" in wanted and keeps_weights:
+            raise EngineError(
+                f"releasing the weights of frozen engine {self.url} would lose them: nobody pushes them back and the "
+                f"server runs without --enable-weights-cpu-backup; release kv_cache/cuda_graph only"
+            )
         self.client.flush_cache()
-        self.client.release_memory_occupation(tags=None)
-        self._released_tags = memory_tags(self.server_version)
+        self.client.release_memory_occupation(tags=None if wanted == known else sorted(wanted))
+        self._released_tags = wanted
+        if "weights" in wanted and not self.weights_cpu_backup:
+            self._weights_lost = True
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
         """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
@@ -479,8 +591,10 @@ class SGLangEngine(Engine):
             raise ValueError(
                 f"SGLang {self.server_version} knows no memory tags {sorted(unknown)}; known: {sorted(known)}"
             )
-        partial = self._released_tags != known
         wanted = set(tags) if tags is not None else set(self._released_tags)
+        if wanted - self._released_tags:  # resuming what was never released crashes 0.5.3's scheduler
+            raise ValueError(f"memory {sorted(wanted - self._released_tags)} of {self.url} is not released")
+        partial = self._released_tags != known
         # None asks the server for everything it released; after a partial resume, name what is left.
         self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)
         self._released_tags -= wanted

@@ -29,29 +29,46 @@ class TransportStats:
 
 
 class TensorTransport:
-    """Colocated: the server reads the bucket from the trainer's memory (same node, same GPUs)."""
+    """Colocated: the server reads the bucket from the trainer's memory (same node, same GPUs).
 
-    def __init__(self, client: SGLangClient, *, tp_size: int = 1):
+    Each engine TP rank reads its own entry of `serialized_named_tensors` (tp_worker.py indexes it by tp_rank in
+    every 0.5.x), so each gets a payload of its own, serialized from `rank_devices[rank]` (default: where the bucket
+    is): one CUDA IPC handle per reader, since two ranks opening one handle break its producer-side refcount. After
+    the server has answered, the copies are dropped and the IPC memory is released (torch.cuda.ipc_collect), as
+    slime does after each bucket.
+    """
+
+    def __init__(self, client: SGLangClient, *, tp_size: int = 1, rank_devices: list[torch.device] | None = None):
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        if rank_devices is not None and len(rank_devices) != tp_size:
+            raise ValueError(f"rank_devices names {len(rank_devices)} devices for tp_size {tp_size}")
         self.client = client
         self.tp_size = tp_size
+        self.rank_devices = rank_devices
         self.stats = TransportStats()
 
     def connect(self) -> None:
         """Nothing to set up: every call carries its own handles."""
 
+    def payloads(self, flat: torch.Tensor, metadata) -> tuple[list[str], list[torch.Tensor]]:
+        """One serialized entry per TP rank, and the tensors they point at (kept alive until the server answers)."""
+        devices = self.rank_devices or [flat.device] * self.tp_size
+        copies = [flat if device == flat.device else flat.to(device) for device in devices]
+        return [serialize_flattened_bucket(copy, metadata) for copy in copies], copies
+
     def send(self, bucket: WeightBucket, *, weight_version: str) -> None:
-        for flat, metadata in flatten_bucket(bucket):  # one request per dtype: every SGLang 0.5.x rebuilds it
-            payload = serialize_flattened_bucket(flat, metadata)
-            # One entry per TP rank; each rank opens the same handle (a multi-rank trainer would send each its own).
+        groups = flatten_bucket(bucket)  # one request per dtype: every SGLang 0.5.x rebuilds it
+        while groups:
+            flat, metadata = groups.pop(0)  # held nowhere else, so each group's memory goes once it is sent
+            entries, copies = self.payloads(flat, metadata)
             self.client.update_weights_from_tensor(
-                [payload] * self.tp_size,
-                load_format="flattened_bucket",
-                flush_cache=False,
-                weight_version=weight_version,
+                entries, load_format="flattened_bucket", flush_cache=False, weight_version=weight_version
             )
-            del flat  # the server has answered, so it has copied out of the shared memory
+            on_cuda = any(copy.is_cuda for copy in copies)
+            del flat, copies, entries  # the server has answered, so it has copied out of the shared memory
+            if on_cuda:
+                torch.cuda.ipc_collect()
         _record(self.stats, bucket)
 
     def close(self) -> None:

@@ -29,8 +29,11 @@ def build_genrm_engine(cfg: Config, rank: int):
             port=cfg.rollout.sglang_port + 1000 + rank,
             base_gpu_id=rank % cfg.cluster.devices_per_node,
             skip_tokenizer_init=False,
+            enable_weights_cpu_backup=True,  # nobody pushes GenRM weights: released ones must come back from host
         )
-        return SGLangEngine(server=server, request_timeout_s=genrm.request_timeout_s, retries=genrm.retries)
+        return SGLangEngine(
+            server=server, request_timeout_s=genrm.request_timeout_s, retries=genrm.retries, frozen=True
+        )
     import torch
 
     from fapo_megatron.engines.embedded import EmbeddedEngine

@@ -10,6 +10,12 @@ meta_info.output_token_logprobs [[logprob, token_id, text|null], ...]), /update_
 order), /release_memory_occupation and /resume_memory_occupation with tags, /pause_generation,
 /continue_generation, /flush_cache (400 while requests run), /health_generate, /get_model_info (weight_version;
 /get_weight_version is 404 or gone from 0.5.6), /get_server_info.
+Per-version behaviour a real server shows: /pause_generation aborts requests in flight (always before 0.5.6; in
+its default mode "abort" after, where "retract" and "in_place" keep them); released weights come back as
+uninitialised memory (zeros here) unless --enable-weights-cpu-backup; `sampling_seed` is ignored without
+--enable-deterministic-inference; an unknown sampling_params key is a 400 from the request schema from 0.5.22
+(sglang/api/v1/api_types.py), a 500 before (SamplingParams(**kwargs) raises TypeError); an unknown pushed name is
+skipped with a warning and the push reports success; each TP rank decodes its own serialized_named_tensors entry.
 Differences from SGLang: it runs an HF model on CPU through our EmbeddedEngine (one request row at a
 time), decodes CPU by-value pickles (real SGLang on GPU gets CUDA IPC handles), joins the side group with
 gloo (NCCL on GPU), refuses stop strings without a tokenizer, and adds GET /standin/calls, a log of every
@@ -39,12 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for Em
 from fapo_megatron.engine_protocol import SamplingParams  # noqa: E402
 from fapo_megatron.engines.embedded import EmbeddedEngine  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sglang_wheel import sampling_param_keys  # noqa: E402
+
 # The SGLang version this stand-in plays (GET /get_server_info "version"); behaviour below follows that wheel.
 VERSION = os.environ.get("SGLANG_STANDIN_VERSION", "0.5.23")
 # srt/constants.py GPU_MEMORY_TYPE_*: 0.5.3-0.5.4 know weights and kv_cache; cuda_graph from 0.5.5.
 MEMORY_TAGS = {"weights", "kv_cache"} | ({"cuda_graph"} if Version(VERSION) >= Version("0.5.5") else set())
 # managers/io_struct.py PauseGenerationReqInput.mode, from 0.5.6; before, /pause_generation reads no body.
 PAUSE_MODES = ("abort", "retract", "in_place") if Version(VERSION) >= Version("0.5.6") else None
+# The /generate sampling_params keys this version accepts, read from the nearest unpacked wheel.
+SAMPLING_KEYS = sampling_param_keys(VERSION)
+# Seconds each request row takes on top of generating it, so tests can have requests in flight.
+ROW_DELAY_S = float(os.environ.get("SGLANG_STANDIN_ROW_DELAY_S", "0"))
 
 
 def parse_args(argv):
@@ -60,6 +73,8 @@ def parse_args(argv):
     p.add_argument("--skip-server-warmup", action="store_true")
     p.add_argument("--enable-memory-saver", action="store_true")
     p.add_argument("--skip-tokenizer-init", action="store_true")
+    p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--enable-weights-cpu-backup", action="store_true")
     return p.parse_args(argv)  # unknown flags fail, as in SGLang
 
 
@@ -71,7 +86,10 @@ class StandIn:
         self.lock = threading.Lock()
         self.resume_cond = threading.Condition()
         self.paused = False
+        self.pause_mode: str | None = None
+        self.aborts = 0  # pauses that aborted what was in flight
         self.released: set[str] = set()
+        self.weights_backup: dict[str, torch.Tensor] | None = None
         self.running = 0
         self.weight_version = "default"
         self.calls: list[dict] = []
@@ -97,22 +115,48 @@ class StandIn:
             rows = [body["text"]] if single else body["text"]
         sampling = body.get("sampling_params") or {}
         per_row = sampling if isinstance(sampling, list) else [sampling] * len(rows)
+        unknown = sorted({key for sp in per_row for key in sp} - SAMPLING_KEYS)
+        if unknown and Version(VERSION) >= Version("0.5.22"):
+            return 400, {"error": f"sampling_params: unknown field {unknown[0]!r}"}
+        if unknown:
+            return 500, "Internal Server Error"
         self.record("/generate", num_rows=len(rows), return_logprob=body.get("return_logprob", False))
+        aborts_at_start = self.aborts
+        outs = []
         self.running += 1
         try:
-            outs = [self._one(row, sp, body.get("return_logprob", False)) for row, sp in zip(rows, per_row)]
+            for row, sp in zip(rows, per_row):
+                self._wait_while_paused()
+                if self.aborts != aborts_at_start:
+                    outs.append(self._aborted())
+                    continue
+                outs.append(self._one(row, sp, body.get("return_logprob", False)))
+                time.sleep(ROW_DELAY_S)
         except ValueError as error:
             return 400, {"error": {"message": str(error)}}
         finally:
             self.running -= 1
         return 200, outs[0] if single else outs
 
+    def _wait_while_paused(self):
+        """A retract/in_place pause holds running requests until /continue_generation."""
+        if self.paused and self.pause_mode in ("retract", "in_place"):
+            self.running -= 1
+            with self.resume_cond:
+                self.resume_cond.wait_for(lambda: not self.paused, timeout=60)
+            self.running += 1
+
+    def _aborted(self):
+        finish = {"type": "abort", "message": "Abort all requests", "status_code": 200, "err_type": None}
+        return {"text": "", "output_ids": [], "meta_info": {"id": uuid.uuid4().hex, "finish_reason": finish}}
+
     def _one(self, prompt, sp, return_logprob):
         stop = sp.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         if stop and self.args.skip_tokenizer_init:
             raise ValueError("stop strings need the tokenizer (server runs skip_tokenizer_init)")
-        seed = sp.get("sampling_seed")
+        # SGLang builds the per-request seed tensor only under deterministic inference (sampling_batch_info.py).
+        seed = sp.get("sampling_seed") if self.args.enable_deterministic_inference else None
         if seed is None:
             seed = self.args.random_seed * 1_000_003 + self.sample_counter
             self.sample_counter += 1
@@ -157,13 +201,14 @@ class StandIn:
         entries = body["serialized_named_tensors"]
         if len(entries) != self.args.tp_size:
             return 400, {"success": False, "message": f"{len(entries)} entries for tp_size {self.args.tp_size}"}
-        payload = pickle.loads(base64.b64decode(entries[0], validate=True))
-        if body.get("load_format") == "flattened_bucket":
-            flat = payload["flattened_tensor"]
-            metadata = payload["metadata"]
-            named = [(m.name, _reconstruct(flat, m)) for m in metadata]
-        else:
-            named = payload
+        # Each TP rank decodes its own entry (tp_worker.py: serialized_named_tensors[tp_rank]); all must agree.
+        per_rank = [self._decode(entry, body.get("load_format")) for entry in entries]
+        named = per_rank[0]
+        for rank, other in enumerate(per_rank[1:], start=1):
+            if [n for n, _ in other] != [n for n, _ in named] or not all(
+                torch.equal(a, b) for (_, a), (_, b) in zip(other, named)
+            ):
+                return 400, {"success": False, "message": f"TP rank {rank} got other tensors than rank 0"}
         self.record(
             "/update_weights_from_tensor",
             load_format=body.get("load_format"),
@@ -174,6 +219,13 @@ class StandIn:
             tp_entries=len(entries),
         )
         return self._load(named, body.get("weight_version"))
+
+    @staticmethod
+    def _decode(entry, load_format):
+        payload = pickle.loads(base64.b64decode(entry, validate=True))
+        if load_format == "flattened_bucket":
+            return [(m.name, _reconstruct(payload["flattened_tensor"], m)) for m in payload["metadata"]]
+        return payload
 
     def _load(self, named, weight_version):
         # As SGLang's models' load_weights (e.g. srt/models/qwen2.py): a name the model lacks is skipped with a
@@ -244,6 +296,8 @@ class StandIn:
         if not self.args.enable_memory_saver or set(tags) - MEMORY_TAGS or set(tags) & self.released:
             return 400, {"error": {"message": f"cannot release {tags} (released: {sorted(self.released)})"}}
         self.released |= set(tags)
+        if "weights" in tags and self.args.enable_weights_cpu_backup:
+            self.weights_backup = {n: p.detach().clone() for n, p in self.engine.model.named_parameters()}
         return 200, None
 
     def resume(self, body):
@@ -252,6 +306,11 @@ class StandIn:
         if set(tags) - self.released:
             return 400, {"error": {"message": f"cannot resume {tags}: not released"}}
         self.released -= set(tags)
+        if "weights" in tags:  # fresh device memory: the old contents only where a CPU backup kept them
+            with self.lock, torch.no_grad():
+                for name, param in self.engine.model.named_parameters():
+                    param.copy_(self.weights_backup[name]) if self.weights_backup else param.zero_()
+            self.weights_backup = None
         return 200, None
 
     def pause(self, body):
@@ -259,6 +318,9 @@ class StandIn:
         if PAUSE_MODES is not None and body.get("mode", "abort") not in PAUSE_MODES:
             return 422, {"detail": f"mode must be one of {PAUSE_MODES}"}
         self.paused = True
+        self.pause_mode = body.get("mode", "abort") if PAUSE_MODES is not None else "abort"
+        if self.pause_mode == "abort":  # tokenizer_manager.pause_generation: abort_request(abort_all=True)
+            self.aborts += 1
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
     def resume_generation(self, _body):
@@ -270,7 +332,7 @@ class StandIn:
 
     def flush_cache(self, _body):
         self.record("/flush_cache", running=self.running)
-        return (200 if self.running == 0 else 400), "Cache flushed.\n"
+        return (200 if self.running == 0 else 400), "Cache flushed.\n"  # retracted requests wait, not run
 
     def server_info(self, _body):
         info = {k: v for k, v in vars(self.args).items()}

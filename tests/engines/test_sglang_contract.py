@@ -12,19 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 from packaging.specifiers import SpecifierSet
+from sglang_wheel import VERSIONS, class_fields, init_arguments, sampling_param_keys, wheel_file
 
-from fapo_megatron.engines.sglang import SUPPORTED_SGLANG, memory_tags, pause_request
+from fapo_megatron.engine_protocol import SamplingParams
+from fapo_megatron.engines.sglang import (
+    SUPPORTED_SGLANG,
+    SGLangEngine,
+    SGLangServerArgs,
+    memory_tags,
+    pause_keeps_in_flight,
+    pause_request,
+)
 from fapo_megatron.engines.weight_sync import flatten_bucket
-
-WHEELS = Path(__file__).resolve().parents[2] / ".cache" / "sglang"
-VERSIONS = ["0.5.3", "0.5.23"]
 
 
 def srt(version: str, relative: str) -> Path:
-    path = WHEELS / version / "sglang" / "srt" / relative
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run `make sglang-wheels` (it unpacks the sglang {version} wheel)")
-    return path
+    try:
+        return wheel_file(version, f"srt/{relative}")
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
 
 
 def test_tested_versions_are_the_supported_range():
@@ -75,18 +81,6 @@ def test_memory_tags_are_the_versions_gpu_memory_types(version):
     assert memory_tags(version) == _module_constants(srt(version, "constants.py"), "GPU_MEMORY_TYPE_")
 
 
-def _dataclass_fields(path: Path, class_name: str) -> dict[str, ast.expr] | None:
-    """Field name -> annotation of a class in the wheel's source, or None when the version has no such class."""
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return {
-                item.target.id: item.annotation
-                for item in node.body
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-            }
-    return None
-
-
 def _literal_values(annotation: ast.expr) -> list | None:
     """The allowed values of a `Literal[...]` annotation, else None."""
     if isinstance(annotation, ast.Subscript) and getattr(annotation.value, "id", None) == "Literal":
@@ -98,7 +92,7 @@ def _literal_values(annotation: ast.expr) -> list | None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_pause_body_fits_the_versions_request(version):
     body = pause_request(version)
-    fields = _dataclass_fields(srt(version, "managers/io_struct.py"), "PauseGenerationReqInput")
+    fields = class_fields(srt(version, "managers/io_struct.py"), "PauseGenerationReqInput")
     if fields is None:  # the endpoint reads no body in this version: send none
         assert body == {}
         return
