@@ -120,7 +120,12 @@ class StandIn:
             return 400, {"error": f"sampling_params: unknown field {unknown[0]!r}"}
         if unknown:
             return 500, "Internal Server Error"
-        self.record("/generate", num_rows=len(rows), return_logprob=body.get("return_logprob", False))
+        self.record(
+            "/generate",
+            num_rows=len(rows),
+            return_logprob=body.get("return_logprob", False),
+            seeds=[sp.get("sampling_seed") for sp in per_row],
+        )
         aborts_at_start = self.aborts
         outs = []
         self.running += 1
@@ -136,6 +141,7 @@ class StandIn:
             return 400, {"error": {"message": str(error)}}
         finally:
             self.running -= 1
+            self.record("/generate done", num_rows=len(rows))
         return 200, outs[0] if single else outs
 
     def _wait_while_paused(self):

@@ -8,7 +8,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,8 +62,15 @@ def reference(path):
     return eng
 
 
-def launch(path, **kwargs):
-    args = SGLangServerArgs(model_path=path, port=free_port(), launch_command=STANDIN, tp_size=2)
+def launch(path, *, deterministic=True, cpu_backup=False, **kwargs):
+    args = SGLangServerArgs(
+        model_path=path,
+        port=free_port(),
+        launch_command=STANDIN,
+        tp_size=2,
+        enable_deterministic_inference=deterministic,
+        enable_weights_cpu_backup=cpu_backup,
+    )
     engine = SGLangEngine(server=args, tokenizer=char_tokenizer(), startup_timeout_s=120, **kwargs)
     engine.start()
     return engine
@@ -92,6 +101,7 @@ def test_generate_matches_in_process_reference(engine, checkpoints):
         assert max(abs(a - b) for a, b in zip(tf, g.logprobs)) <= 1e-5
     new_calls = [c for c in calls(engine.url)[before:] if c["path"] == "/generate"]
     assert [(c["num_rows"], c["return_logprob"]) for c in new_calls] == [(6, True)]  # one batched request
+    assert [c["seeds"] for c in new_calls] == [[5, 6, 7, 8, 9, 10]]  # a deterministic server gets one seed per row
 
 
 def test_stop_string_kept_in_text(engine):
@@ -151,23 +161,31 @@ def test_release_resume_order(engine):
     with pytest.raises(EngineError, match="released"):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
     engine.resume_memory(tags=["kv_cache", "cuda_graph"])
+    with pytest.raises(EngineError, match="without --enable-weights-cpu-backup.*update_weights"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))  # the server's weights are gone
+    engine.update_weights([list(tiny_qwen2(seed=1).state_dict().items())])
     assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
     engine.release_memory()
     engine.update_weights([list(tiny_qwen2(seed=1).state_dict().items())])  # colocated push: weights come back first
     engine.resume_memory()
-    log = [(c["path"], c.get("tags")) for c in calls(engine.url)[start:] if c["path"] != "/generate"]
+    log = [(c["path"], c.get("tags")) for c in calls(engine.url)[start:] if not c["path"].startswith("/generate")]
     updates = [entry for entry in log if entry[0] == "/update_weights_from_tensor"]
+    first_push = updates[: len(updates) // 2]
     assert log == [
         ("/flush_cache", None),
         ("/release_memory_occupation", None),
         ("/resume_memory_occupation", ["weights"]),
         ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
+        ("/pause_generation", None),
+        ("/flush_cache", None),
+        *first_push,
+        ("/continue_generation", None),
         ("/flush_cache", None),
         ("/release_memory_occupation", None),
         ("/resume_memory_occupation", ["weights"]),
         ("/pause_generation", None),
         ("/flush_cache", None),
-        *updates,
+        *updates[len(first_push) :],
         ("/continue_generation", None),
         ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
     ]
@@ -185,7 +203,7 @@ def test_oldest_supported_version_gets_its_tags_and_pause(checkpoints, monkeypat
         with pytest.raises(ValueError, match="cuda_graph"):
             old.resume_memory(tags=["cuda_graph"])
         old.resume_memory()
-        log = [c for c in calls(old.url) if c["path"] != "/generate"]
+        log = [c for c in calls(old.url) if not c["path"].startswith("/generate")]
         assert [c.get("tags") for c in log if "memory_occupation" in c["path"]] == [None, ["weights"], ["kv_cache"]]
         assert [c["body"] for c in log if c["path"] == "/pause_generation"] == [{}]
         params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
@@ -281,3 +299,152 @@ def test_bucketing_bounds_and_order():
     buckets = list(bucket_named_tensors(named, bucket_bytes=100))
     assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]
     assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
+
+
+def test_frozen_engine_keeps_its_weights_without_cpu_backup(checkpoints):
+    """Nobody pushes to a frozen engine (the GenRM): on a server without CPU backup it frees only what the server
+    rebuilds, judges with intact weights after resume, and refuses to release its weights."""
+    frozen = launch(checkpoints[0], frozen=True)
+    try:
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2)
+        expected = reference(checkpoints[0]).generate(["abc"], params)[0].token_ids
+        for _ in range(2):  # every step releases and resumes it
+            frozen.release_memory()
+            frozen.resume_memory()
+            assert frozen.generate(["abc"], params)[0].token_ids == expected
+        with pytest.raises(EngineError, match="frozen engine .* would lose them.*--enable-weights-cpu-backup"):
+            frozen.release_memory(tags=["weights", "kv_cache"])
+        memory = [(c["path"], c["tags"]) for c in calls(frozen.url) if "memory_occupation" in c["path"]]
+        assert (
+            memory
+            == [
+                ("/release_memory_occupation", ["cuda_graph", "kv_cache"]),
+                ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
+            ]
+            * 2
+        )
+        # What the engine guards against: released weights come back as uninitialised memory on such a server.
+        frozen.client.release_memory_occupation(tags=["weights"])
+        frozen.client.resume_memory_occupation(tags=["weights"])
+        assert frozen.generate(["abc"], params)[0].token_ids != expected
+    finally:
+        frozen.shutdown()
+
+
+def test_frozen_engine_with_cpu_backup_releases_everything(checkpoints):
+    backed = launch(checkpoints[0], frozen=True, cpu_backup=True)
+    try:
+        assert backed.weights_cpu_backup
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2)
+        expected = reference(checkpoints[0]).generate(["abc"], params)[0].token_ids
+        backed.release_memory()
+        backed.resume_memory()
+        assert backed.generate(["abc"], params)[0].token_ids == expected
+        memory = [c["tags"] for c in calls(backed.url) if "memory_occupation" in c["path"]]
+        assert memory == [None, None]  # weights too: the server restores them from host memory
+    finally:
+        backed.shutdown()
+
+
+def _generate_beside(engine, prompts, params):
+    """Run engine.generate in a thread; returns (thread, results: list of Generation lists or the error)."""
+    results = []
+
+    def target():
+        try:
+            results.append(engine.generate(prompts, params))
+        except EngineError as error:
+            results.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, results
+
+
+def _wait_for_call(url, path, count=1, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while sum(c["path"] == path for c in calls(url)) < count:
+        assert time.monotonic() < deadline, f"no {path} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("version", ["0.5.3", "0.5.23"])
+def test_weight_push_keeps_requests_in_flight(checkpoints, monkeypatch, version):
+    """A plain pause aborts what is in flight (0.5.3 always, 0.5.23 in its default mode); the engine retracts where
+    it can (0.5.23) and drains first where it cannot (0.5.3), so a generate running during a push completes."""
+    monkeypatch.setenv("SGLANG_STANDIN_VERSION", version)
+    monkeypatch.setenv("SGLANG_STANDIN_ROW_DELAY_S", "0.3")
+    eng = launch(checkpoints[0])
+    try:
+        params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)
+        thread, results = _generate_beside(eng, PROMPTS, params)
+        _wait_for_call(eng.url, "/generate")
+        eng.client.pause_generation({})  # what a client that does not know the version sends
+        thread.join(30)
+        eng.client.continue_generation()
+        assert isinstance(results[0], EngineError) and "abort" in str(results[0])
+
+        thread, results = _generate_beside(eng, PROMPTS, params)
+        _wait_for_call(eng.url, "/generate", count=2)
+        eng.update_weights([list(tiny_qwen2(seed=0).state_dict().items())])
+        thread.join(30)
+        assert [g.finish_reason in ("stop", "length") for g in results[0]] == [True] * 3
+        log = [c for c in calls(eng.url) if c["path"] in ("/pause_generation", "/generate done")][2:]
+        if version == "0.5.3":  # drained: the pause comes after the request has finished
+            assert [c["path"] for c in log] == ["/generate done", "/pause_generation"] and log[1]["body"] == {}
+        else:  # retracted: paused while the request ran, which finished after /continue_generation
+            assert [c["path"] for c in log] == ["/pause_generation", "/generate done"]
+            assert log[0]["body"] == {"mode": "retract"}
+    finally:
+        eng.shutdown()
+
+
+def test_seeds_left_out_with_one_warning_without_deterministic_inference(checkpoints):
+    eng = launch(checkpoints[0], deterministic=False)
+    try:
+        assert not eng.deterministic
+        params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=7, n=2)
+        with pytest.warns(UserWarning, match="without --enable-deterministic-inference: sampling is not reproducible"):
+            eng.generate(PROMPTS, params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # only one warning per engine
+            eng.generate(PROMPTS, params)
+        seeds = [c["seeds"] for c in calls(eng.url) if c["path"] == "/generate"]
+        assert seeds == [[None] * 6, [None] * 6]
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("version, status", [("0.5.3", 500), ("0.5.23", 400)])
+def test_unknown_sampling_key_rejected_as_the_version_does(checkpoints, monkeypatch, version, status):
+    monkeypatch.setenv("SGLANG_STANDIN_VERSION", version)
+    eng = launch(checkpoints[0])
+    try:
+        body = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2, "no_such_key": 1}}
+        assert requests.post(f"{eng.url}/generate", json=body, timeout=30).status_code == status
+        assert len(eng.generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=1, stop=["x"]))) == 3  # ours pass
+    finally:
+        eng.shutdown()
+
+
+def test_launch_commands_carry_the_flags_each_role_needs(tmp_path):
+    from fapo_megatron.config import Config, from_dict
+    from fapo_megatron.roles.genrm import build_genrm_engine
+    from fapo_megatron.roles.policy import build_rollout_engine
+
+    cfg = from_dict(
+        Config,
+        {
+            "model": {"path": str(tmp_path)},
+            "rollout": {"backend": "sglang"},
+            "genrm": {"backend": "sglang", "model_path": str(tmp_path)},
+        },
+    )
+    rollout = build_rollout_engine(cfg, {}, char_tokenizer(), rank=0)
+    command = rollout.server_args.command()
+    assert "--enable-deterministic-inference" in command and "--enable-weights-cpu-backup" not in command
+    assert not rollout.frozen
+    genrm = build_genrm_engine(cfg, rank=0)
+    command = genrm.server_args.command()
+    assert "--enable-weights-cpu-backup" in command and "--enable-deterministic-inference" not in command
+    assert genrm.frozen
