@@ -17,8 +17,12 @@ SLURM_PKGS := slurmctld slurmd slurm-client munge
 # never installed, under .cache/sglang/<version>/ for the contract tests (tests/engines/test_sglang_contract.py).
 SGLANG_VERSIONS := 0.5.3 0.5.23
 SGLANG_WHEELS := .cache/sglang_wheels
+# The real sglang-router (a Rust binary in a PyPI wheel) with its own dependencies, in a test-only folder the router
+# test puts on the router process's PYTHONPATH (tests/engines/test_sglang_router.py); never in the runtime .venv.
+SGLANG_ROUTER := sglang-router==0.3.2
+SGLANG_ROUTER_DIR := .cache/sglang_router
 
-.PHONY: test lint demo demo-compare venv slurm-deps sglang-wheels clean
+.PHONY: test lint demo demo-compare venv slurm-deps sglang-wheels sglang-router clean
 
 venv: $(STAMP)
 
@@ -47,12 +51,20 @@ sglang-wheels: $(STAMP)
 			{ echo "sglang-wheels: could not unpack sglang $$v into .cache/sglang/$$v"; exit 1; }; \
 	done
 
+sglang-router: $(STAMP)
+	@test -f $(SGLANG_ROUTER_DIR)/.installed || { rm -rf $(SGLANG_ROUTER_DIR).tmp && \
+		$(BIN)/python -m pip install --quiet --target $(SGLANG_ROUTER_DIR).tmp $(SGLANG_ROUTER) && \
+		rm -rf $(SGLANG_ROUTER_DIR) && mv $(SGLANG_ROUTER_DIR).tmp $(SGLANG_ROUTER_DIR) && \
+		touch $(SGLANG_ROUTER_DIR)/.installed; } || \
+		{ echo "sglang-router: could not install $(SGLANG_ROUTER) into $(SGLANG_ROUTER_DIR) (the router test needs it)"; \
+		exit 1; }
+
 # ruff.toml holds the rules (line length 119); `ruff format .` applies the formatting.
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-test: $(STAMP) slurm-deps sglang-wheels lint
+test: $(STAMP) slurm-deps sglang-wheels sglang-router lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

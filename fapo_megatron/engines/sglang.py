@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -237,6 +238,9 @@ class SGLangEngine(Engine):
     buckets of `bucket_mb`; each sync is bracketed by pause/flush and continue and bumps `weight_version`.
     `frozen` marks an engine nobody pushes weights to (a GenRM, a reference model): it releases only what the
     server can rebuild (KV cache, CUDA graphs) unless the server keeps a CPU backup of its weights.
+    `router_url`: generate through an sglang-router in front of this server and its peers; the router takes no
+    per-row sampling-param lists (HTTP 422), so seeded rows go as one request each, and it has no weight, memory or
+    pause endpoints, so those go to the server at `url` itself.
     """
 
     def __init__(
@@ -257,6 +261,7 @@ class SGLangEngine(Engine):
         distributed_device: str = "cuda",
         frozen: bool = False,
         drain_timeout_s: float = 600.0,
+        router_url: str | None = None,
     ):
         if (server is None) == (url is None):
             raise ValueError("SGLangEngine needs exactly one of server (launch) or url (attach)")
@@ -275,6 +280,7 @@ class SGLangEngine(Engine):
         self.num_restarts = 0
         self.weight_version = 0
         self.client = SGLangClient(self.url, timeout_s=request_timeout_s, retries=retries)
+        self.router = SGLangClient(router_url, timeout_s=request_timeout_s, retries=retries) if router_url else None
         self._process = SGLangServerProcess(server, startup_timeout_s=startup_timeout_s) if server else None
         self._transport_kind = transport
         self._distributed = (distributed_master, distributed_backend, distributed_device)
@@ -349,6 +355,8 @@ class SGLangEngine(Engine):
         if self._process is not None:
             self._process.stop()
         self.client.close()
+        if self.router is not None:
+            self.router.close()
         self._started = False
 
     @property
@@ -371,16 +379,20 @@ class SGLangEngine(Engine):
         if params.stop and self.server_args is not None and self.server_args.skip_tokenizer_init:
             raise ValueError("stop strings need the server's tokenizer; launch without skip_tokenizer_init")
         rows, prompt_ids = self._rows(prompts, params.n)
-        payload = self._payload(rows, self._seeded(params))
+        params = self._seeded(params)
+        payload = self._payload(rows, params)
         with self._gate:  # a drain for a weight push lets no new request start
             self._gate.wait_for(lambda: not self._draining)
             self._in_flight += 1
         try:
-            try:
-                outputs = self.client.generate(payload)
-            except ServerUnreachable:
-                self._recover()
-                outputs = self.client.generate(payload)
+            if self.router is not None:
+                outputs = self._generate_routed(rows, params, payload)
+            else:
+                try:
+                    outputs = self.client.generate(payload)
+                except ServerUnreachable:
+                    self._recover()
+                    outputs = self.client.generate(payload)
         finally:
             with self._gate:
                 self._in_flight -= 1
@@ -390,6 +402,18 @@ class SGLangEngine(Engine):
         if len(outputs) != len(rows):
             raise EngineError(f"{self.url}/generate returned {len(outputs)} outputs for {len(rows)} requests")
         return [self._to_generation(out, index, prompt_ids[index]) for out, (index, _) in zip(outputs, rows)]
+
+    def _generate_routed(self, rows, params: SamplingParams, payload: dict) -> list[dict]:
+        """Through the router: one batched request with one sampling dict, or one request per seeded row."""
+        if params.seed is None:
+            return self.router.generate(payload)
+        key = next(iter(set(payload) - {"sampling_params", "return_logprob"}))
+        singles = [
+            {key: row, "sampling_params": sampling, "return_logprob": True}
+            for row, sampling in zip(payload[key], payload["sampling_params"])
+        ]
+        with ThreadPoolExecutor(max_workers=min(16, len(singles))) as pool:
+            return list(pool.map(self.router.generate, singles))
 
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         """Seeds only reach a server with deterministic inference (SGLang ignores `sampling_seed` otherwise): without
