@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from fapo_megatron.config import OptimConfig
 from fapo_megatron.megatron import platform
 from fapo_megatron.models import registry
+from fapo_megatron.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
 
 
-def build_gpt_model(spec: registry.ModelSpec, config, layout: ParallelLayout, backend: str = "auto") -> GPTModel:
+def build_gpt_model(spec: ModelSpec, config, layout: ParallelLayout, backend: str = "auto") -> GPTModel:
     """The GPTModel of this rank's pipeline stage on `platform.device()`."""
     with warnings.catch_warnings():
         # megatron-core >= 0.19 deprecates GPTModel in favour of HybridModel; GPTModel is what we test against.
