@@ -73,7 +73,11 @@ def _layouts_worker(rank, world_size, family):
     from fapo_megatron.models import registry
 
     local_spec = _spec(family)
-    local_names = {n for n, _ in build_megatron_gpt(local_spec).named_parameters()}
+    local_params = dict(build_megatron_gpt(local_spec).named_parameters())
+    local_names = set(local_params)
+    assert {m.megatron_name: m.shape for m in hm.build_mappings(local_spec)} == {
+        n: tuple(p.shape) for n, p in local_params.items()
+    }
     te_renames = dict(registry.parameter_renames(local_spec.model, "te"))
     assert te_renames == {
         "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
