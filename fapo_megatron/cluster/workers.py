@@ -1,8 +1,8 @@
 """Worker groups: one Ray actor per rank of a role, pinned to a pool's bundles, called all together.
 
 A worker class is a plain Python class (the Megatron actor, an engine host). The group wraps it in a Ray
-actor host that first sets the rank's torch.distributed environment (see dist_env.py) and then builds it,
-so the class can call `init_distributed_from_env()` (or torch.distributed with env://) in __init__.
+actor host that first sets the rank's torch.distributed environment (see fapo_megatron/dist_env.py) and then
+builds it, so the class can call `init_distributed_from_env()` in __init__.
 A rank that raises, or whose process dies, surfaces as a WorkerError naming the role and the rank.
 """
 
@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from fapo_megatron.cluster.bundles import Pool
-from fapo_megatron.cluster.dist_env import DistEnv
+from fapo_megatron.dist_env import DistEnv
 
 
 class WorkerError(RuntimeError):

@@ -86,10 +86,10 @@ def engine_ranks(world_size: int, rollout_tp: int) -> list[int]:
 
 
 class PolicyWorker:
-    """Built inside a Ray worker whose environment holds the torch.distributed rendezvous (cluster.dist_env)."""
+    """Built inside a Ray worker whose environment holds the torch.distributed rendezvous (dist_env.py)."""
 
     def __init__(self, cfg_dict: dict):
-        from fapo_megatron.cluster.dist_env import init_distributed_from_env
+        from fapo_megatron.dist_env import init_distributed_from_env
         from fapo_megatron.megatron.actor import MegatronActor
 
         self.cfg = from_dict(Config, cfg_dict)
