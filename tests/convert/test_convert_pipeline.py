@@ -84,9 +84,12 @@ def _corrupt_worker(rank, world_size, tmp):
     def corrupted(mapping, hf_tensors, spec):
         full = original(mapping, hf_tensors, spec)
         if mapping.layer == 2 and mapping.megatron_name.endswith("linear_qkv.weight"):
-            per_group = (spec.num_attention_heads // spec.num_query_groups + 2) * spec.head_dim
-            grouped = full.view(spec.num_query_groups, per_group, -1).clone()
-            q_rows, k_rows = slice(0, spec.head_dim), slice(per_group - 2 * spec.head_dim, per_group - spec.head_dim)
+            per_group = (spec.model.num_attention_heads // spec.model.num_query_groups + 2) * spec.model.head_dim
+            grouped = full.view(spec.model.num_query_groups, per_group, -1).clone()
+            q_rows, k_rows = (
+                slice(0, spec.model.head_dim),
+                slice(per_group - 2 * spec.model.head_dim, per_group - spec.model.head_dim),
+            )
             grouped[:, q_rows], grouped[:, k_rows] = grouped[:, k_rows].clone(), grouped[:, q_rows].clone()
             full = grouped.view_as(full)
         return full
