@@ -245,7 +245,7 @@ def _launch_cpu(tp: int, world: int, args, extra: tuple[str, ...] = ()) -> dict:
 
 def _long_tail_table(args) -> None:
     """Padded (micro_batch_size rows padded to the longest) vs packed, one rank each, in this run."""
-    from fapo_megatron.models.registry import tiny_hf_config
+    from fapo_megatron.models.spec import tiny_hf_config
 
     batch = make_long_tail_batch(args.rows, 64, 128, 1536, tiny_hf_config("qwen2")["vocab_size"])
     lengths = batch.lengths.float()
@@ -284,7 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     args.rows = args.rows or (4 if args.device == "cuda" else 16)
     args.seq = args.seq or (4096 if args.device == "cuda" else 128)
-    from fapo_megatron.models.registry import tiny_hf_config
+    from fapo_megatron.models.spec import tiny_hf_config
 
     if args.worker:
         hf_cfg = tiny_hf_config("qwen2", max_position_embeddings=4096)

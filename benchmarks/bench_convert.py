@@ -109,9 +109,9 @@ def _child(mode: str, src: str, dst: str, max_shard_bytes: int) -> dict:
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-        model_spec, spec = pipeline.mapping_spec_for(hf_io.read_config(src), tp=1, pp=1, divisible_by=128)
+        spec = pipeline.mapping_spec_for(hf_io.read_config(src), tp=1, pp=1, divisible_by=128)
         full = dict(hf_mapping.hf_to_megatron(hf_model.state_dict(), spec))
-        model = megatron_io.build_model(model_spec, dtype=torch.bfloat16, padded_vocab_size=spec.padded_vocab_size)
+        model = megatron_io.build_model(spec, dtype=torch.bfloat16)
         model.load_state_dict(full, strict=False)
         megatron_io.save_checkpoint(model, dst)
         moved = sum(t.numel() * t.element_size() for t in hf_model.state_dict().values())

@@ -82,8 +82,8 @@ def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge |
         return None
     from fapo_megatron.cluster.role_groups import GenRMGroup  # Ray is imported only for runs that place workers
 
-    num = session.layout.num_workers("genrm") // cfg.genrm.tp
-    return GenRMGroup(session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), num_workers=num))
+    group = session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), engine_role="genrm")
+    return GenRMGroup(group)
 
 
 def resume_path(trainer: TrainerConfig, output_dir: Path, *, same_run: bool = False) -> Path | None:

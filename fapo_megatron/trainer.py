@@ -80,7 +80,9 @@ class Trainer:
             from fapo_megatron.roles.genrm import GenRMWorker
             from fapo_megatron.roles.policy import PolicyWorker
 
-            self.policy = PolicyGroup(session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),)))
+            self.policy = PolicyGroup(
+                session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),), engine_role="rollout")
+            )
             self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):

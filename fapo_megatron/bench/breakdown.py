@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fapo_megatron.bench.flops import forward_flops_per_token, mfu, train_flops_per_token
-from fapo_megatron.cluster.sizing import ModelShape, resolve_shape
+from fapo_megatron.cluster.sizing import resolve_shape
 from fapo_megatron.config import Config, ConfigError, load_config
 from fapo_megatron.metrics import read_metrics
+from fapo_megatron.models.spec import ModelSpec, model_spec, tiny_hf_config
 
 TIMED = ("rollout", "genrm_visible", "logprobs", "update", "weight_sync")
 """Phases timed inside the training part of a step, in the order they run."""
@@ -124,7 +125,7 @@ def step_breakdown(record: dict, cfg: Config, prompt_tokens_of=None) -> StepBrea
     )
 
 
-def summarize(run: RunBreakdown, shape: ModelShape, cfg: Config) -> RunBreakdown:
+def summarize(run: RunBreakdown, shape: ModelSpec, cfg: Config) -> RunBreakdown:
     """Fill the run-level numbers from `run.steps` (time-weighted over the steps)."""
     steps, world = run.steps, run.world_size
     num = len(steps)
@@ -190,13 +191,11 @@ def _measured(run: RunBreakdown, steps: list[StepBreakdown], cfg: Config, seq_le
     return out
 
 
-def policy_shape(cfg: Config) -> ModelShape:
+def policy_shape(cfg: Config) -> ModelSpec:
     """The actor's shape: model.path's config.json, the random tiny model when model.path is empty, else
     sizing.model_shape."""
     if not cfg.model.path:
-        from fapo_megatron.models.registry import tiny_hf_config
-
-        return ModelShape.from_hf_config(tiny_hf_config(cfg.model.tiny), f"tiny {cfg.model.tiny}")
+        return model_spec(tiny_hf_config(cfg.model.tiny), f"tiny {cfg.model.tiny}")
     return resolve_shape(cfg.model.path, cfg.sizing.model_shape, "sizing.model_shape")
 
 

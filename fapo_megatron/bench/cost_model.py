@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fapo_megatron.bench.flops import forward_flops_per_token, train_flops_per_token
-from fapo_megatron.cluster.sizing import ModelShape, resolve_shape, uses_genrm_model
+from fapo_megatron.cluster.sizing import resolve_shape, uses_genrm_model
 from fapo_megatron.config import Config, ConfigError, load_config
+from fapo_megatron.models.spec import ModelSpec
 
 PHASES = ("rollout", "genrm", "logprobs", "update", "weight_sync")
 RECIPES = {"qwen2.5-math-7b": "qwen2.5-math-7b_fapo.yaml", "qwen2.5-32b": "qwen2.5-32b_fapo.yaml"}
@@ -154,12 +155,12 @@ class Prediction:
         return self.steps * self.step_seconds / 3600.0
 
 
-def decode_rate(a: CostAssumptions, shape: ModelShape, measured: float) -> float:
+def decode_rate(a: CostAssumptions, shape: ModelSpec, measured: float) -> float:
     """Bulk decode tokens/s per GPU: `measured` when > 0, else the reference rate scaled by 1/N."""
     return measured or a.decode_ref_tokens_per_s_per_gpu * a.decode_ref_params_b * 1e9 / shape.num_params
 
 
-def single_sequence_rate(a: CostAssumptions, shape: ModelShape, tp: int) -> float:
+def single_sequence_rate(a: CostAssumptions, shape: ModelSpec, tp: int) -> float:
     """Tokens/s of one sequence on a tp-GPU engine: every token reads the bf16 weights once."""
     return a.hbm_tb_per_s * 1e12 * a.decode_bandwidth_efficiency * tp / (2.0 * shape.num_params)
 
@@ -172,9 +173,7 @@ def generation_seconds(a, shape, *, tp, gpus, sequences, prompt_tokens, mean_out
     return a.engine_switch_seconds + prefill + bulk + tail
 
 
-def predict(
-    cfg: Config, a: CostAssumptions, policy: ModelShape, genrm: ModelShape | None, name: str = ""
-) -> Prediction:
+def predict(cfg: Config, a: CostAssumptions, policy: ModelSpec, genrm: ModelSpec | None, name: str = "") -> Prediction:
     """Phase seconds of one step of `cfg` under `a`; `genrm` None: no GenRM model runs (GRPO, program judge)."""
     gpus = cfg.cluster.world_size
     rollouts = cfg.data.batch_size * cfg.rollout.n
@@ -259,7 +258,7 @@ def recipe_config(model: str, nodes: int | None, gpus_per_node: int, overrides=(
         raise ConfigError(f"{path.name} with {' '.join(sizing)}: {err}") from None
 
 
-def shapes_for(cfg: Config) -> tuple[ModelShape, ModelShape | None]:
+def shapes_for(cfg: Config) -> tuple[ModelSpec, ModelSpec | None]:
     """Policy and GenRM shapes of `cfg` from the checkpoints' config.json or the built-in table (no download)."""
     policy = resolve_shape(cfg.model.path, cfg.sizing.model_shape, "sizing.model_shape")
     genrm = None

@@ -19,8 +19,8 @@ from fapo_megatron.bench.cost_model import (
     decode_rate,
     predict,
 )
-from fapo_megatron.cluster.sizing import ModelShape
 from fapo_megatron.config import Config
+from fapo_megatron.models.spec import ModelSpec
 
 
 def format_prediction(pred: Prediction) -> str:
@@ -55,7 +55,7 @@ class FrontierRow:
     """Bulk GenRM decode tokens/s per GPU needed for share <= target; None: unreachable (fixed part too big)."""
 
 
-def genrm_frontier(cfg: Config, a: CostAssumptions, policy: ModelShape, genrm: ModelShape, budgets, target: float):
+def genrm_frontier(cfg: Config, a: CostAssumptions, policy: ModelSpec, genrm: ModelSpec, budgets, target: float):
     """One FrontierRow per genrm.max_new_tokens in `budgets`, the longest verdict running to the budget."""
     rows = []
     for budget in budgets:
@@ -79,7 +79,7 @@ def genrm_frontier(cfg: Config, a: CostAssumptions, policy: ModelShape, genrm: M
     return rows
 
 
-def format_frontier(name: str, rows: list[FrontierRow], a: CostAssumptions, genrm: ModelShape, target: float) -> str:
+def format_frontier(name: str, rows: list[FrontierRow], a: CostAssumptions, genrm: ModelSpec, target: float) -> str:
     rate = decode_rate(a, genrm, a.genrm_tokens_per_s_per_gpu)
     lines = [
         f"colocated GenRM ({genrm.name}) share of the {name} step vs its output budget (longest verdict = the "

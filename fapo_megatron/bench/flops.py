@@ -14,22 +14,22 @@ Activation recomputation adds hardware FLOPs but no model FLOPs, so it lowers MF
 
 from __future__ import annotations
 
-from fapo_megatron.cluster.sizing import ModelShape
+from fapo_megatron.models.spec import ModelSpec
 
 
-def matmul_params(shape: ModelShape) -> int:
+def matmul_params(shape: ModelSpec) -> int:
     """Parameters that take part in a matmul per token (no norms, biases or embedding lookup)."""
-    attention = shape.hidden * (shape.q_dim + 2 * shape.kv_dim) + shape.q_dim * shape.hidden
-    per_layer = attention + 3 * shape.hidden * shape.ffn
-    return shape.layers * per_layer + shape.vocab * shape.hidden
+    attention = shape.hidden_size * (shape.q_dim + 2 * shape.kv_dim) + shape.q_dim * shape.hidden_size
+    per_layer = attention + 3 * shape.hidden_size * shape.ffn_hidden_size
+    return shape.num_layers * per_layer + shape.vocab_size * shape.hidden_size
 
 
-def forward_flops_per_token(shape: ModelShape, seq_len: float) -> float:
+def forward_flops_per_token(shape: ModelSpec, seq_len: float) -> float:
     """Forward FLOPs of one token in a sequence of `seq_len` tokens (causal attention: half the positions)."""
-    return 2.0 * matmul_params(shape) + 2.0 * shape.layers * shape.q_dim * seq_len
+    return 2.0 * matmul_params(shape) + 2.0 * shape.num_layers * shape.q_dim * seq_len
 
 
-def train_flops_per_token(shape: ModelShape, seq_len: float) -> float:
+def train_flops_per_token(shape: ModelSpec, seq_len: float) -> float:
     """Forward + backward (backward = 2 x forward)."""
     return 3.0 * forward_flops_per_token(shape, seq_len)
 

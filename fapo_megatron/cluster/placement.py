@@ -5,6 +5,11 @@ cpu). A *pool* is one placement group of bundles. A *role* is a kind of worker (
 role's *rank* r is pinned to one bundle of its pool, by *logical* bundle index: the position of the bundle
 after ordering all bundles by node IP, then GPU id (`order_bundles`), so rank order follows the hardware.
 
+An *engine replica* (a rollout engine or a GenRM server of `tp` devices) is hosted by the worker on the first
+bundle of its `tp` consecutive bundles; `EnginePlacement` names its node, the node-local GPU indices it uses
+(indices into the pool's GPUs on that node, which is what the worker sees as CUDA_VISIBLE_DEVICES) and its
+server port, unique on the node. Workers get theirs passed in; nothing re-derives it from ranks.
+
 Pure functions only (no Ray import): the layout can be computed and tested without a cluster.
 """
 
@@ -21,6 +26,9 @@ GENRM = "genrm"
 
 ACTOR_POOL = "actor"
 GENRM_POOL = "genrm"
+GENRM_PORT_OFFSET = 1000
+"""GenRM servers listen at rollout.sglang_port + GENRM_PORT_OFFSET + their first GPU's index, above the rollout
+servers' rollout.sglang_port + index."""
 
 # GenRM backends that run a model on the run's own devices (the others need no pool: the program checker runs
 # in the trainer process, an external GenRM is a URL).
@@ -67,6 +75,22 @@ class Placement:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnginePlacement:
+    """Where one engine replica runs: its hosting worker's bundle, node, devices and server port."""
+
+    replica: int
+    bundle: int
+    """Logical bundle of the hosting worker (the replica's first device)."""
+    node: int
+    """Node index in the pool (bundle // bundles_per_node)."""
+    base_gpu_id: int
+    """Node-local index of the first device (SGLang's base_gpu_id)."""
+    gpu_ids: tuple[int, ...]
+    """Node-local indices of the replica's tp devices."""
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class PoolLayout:
     """All pools of a run and the rank -> bundle assignment of every role."""
 
@@ -74,6 +98,8 @@ class PoolLayout:
     pools: dict[str, PoolSpec]
     placements: dict[str, list[Placement]]
     """Role -> one Placement per rank, in rank order."""
+    engines: dict[str, list[EnginePlacement]]
+    """Role (rollout, genrm) -> one EnginePlacement per engine replica, in replica order."""
 
     def pool_of(self, role: str) -> PoolSpec:
         return self.pools[self.placements[self._known(role)][0].pool]
@@ -109,21 +135,27 @@ def compute_layout(cfg: Config, cpus_per_gpu: float = 1.0) -> PoolLayout:
     genrm_on_devices = cfg.genrm.backend in _GENRM_DEVICE_BACKENDS
     genrm_colocated = genrm_on_devices and cfg.genrm.placement == "colocated"
 
-    _check_divides("rollout.tp", cfg.rollout.tp, world, "actor devices (cluster.num_nodes x devices_per_node)")
     actor_roles = (ACTOR, ROLLOUT, GENRM) if genrm_colocated else (ACTOR, ROLLOUT)
     pools = {ACTOR_POOL: _pool_spec(ACTOR_POOL, world, bundle, cluster.devices_per_node, actor_roles)}
-    placements = {role: _spread(role, ACTOR_POOL, world) for role in actor_roles}
+    placements = {role: _spread(role, ACTOR_POOL, world) for role in (ACTOR, ROLLOUT)}
+    actor_devices = "actor devices (cluster.num_nodes x devices_per_node)"
+    engines = {
+        ROLLOUT: _engines("rollout.tp", cfg.rollout.tp, pools[ACTOR_POOL], cfg.rollout.sglang_port, actor_devices)
+    }
 
+    genrm_port = cfg.rollout.sglang_port + GENRM_PORT_OFFSET
     if genrm_on_devices and not genrm_colocated:
         num = cluster.genrm_devices
         if num == 0:
             raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
-        _check_divides("genrm.tp", cfg.genrm.tp, num, "cluster.genrm_devices")
         pools[GENRM_POOL] = _pool_spec(GENRM_POOL, num, bundle, cluster.devices_per_node, (GENRM,))
-        placements[GENRM] = _spread(GENRM, GENRM_POOL, num)
+        engines[GENRM] = _engines("genrm.tp", cfg.genrm.tp, pools[GENRM_POOL], genrm_port, "cluster.genrm_devices")
     elif genrm_colocated:
-        _check_divides("genrm.tp", cfg.genrm.tp, world, "actor devices (cluster.num_nodes x devices_per_node)")
-    return PoolLayout(device=cluster.device, pools=pools, placements=placements)
+        engines[GENRM] = _engines("genrm.tp", cfg.genrm.tp, pools[ACTOR_POOL], genrm_port, actor_devices)
+    if GENRM in engines:
+        pool = GENRM_POOL if GENRM_POOL in pools else ACTOR_POOL
+        placements[GENRM] = [Placement(role=GENRM, rank=e.replica, pool=pool, bundle=e.bundle) for e in engines[GENRM]]
+    return PoolLayout(device=cluster.device, pools=pools, placements=placements, engines=engines)
 
 
 def order_bundles(bundle_nodes: list[tuple[str, int | None]]) -> list[int]:
@@ -162,6 +194,27 @@ def _pool_spec(name: str, num: int, bundle: dict[str, float], per_node: int, rol
 
 def _spread(role: str, pool: str, num: int) -> list[Placement]:
     return [Placement(role=role, rank=rank, pool=pool, bundle=rank) for rank in range(num)]
+
+
+def _engines(key: str, tp: int, pool: PoolSpec, base_port: int, what: str) -> list[EnginePlacement]:
+    """One replica per `tp` consecutive bundles of `pool` (`what` names its size), each within one node."""
+    per_node = pool.bundles_per_node
+    _check_divides(key, tp, pool.num_bundles, what)
+    _check_divides(key, tp, per_node, "devices of a node (cluster.devices_per_node; a replica stays on one node)")
+    out = []
+    for replica, first in enumerate(range(0, pool.num_bundles, tp)):
+        base = first % per_node
+        out.append(
+            EnginePlacement(
+                replica=replica,
+                bundle=first,
+                node=first // per_node,
+                base_gpu_id=base,
+                gpu_ids=tuple(range(base, base + tp)),
+                port=base_port + base,
+            )
+        )
+    return out
 
 
 def _check_divides(key: str, size: int, total: int, what: str) -> None:

@@ -55,17 +55,29 @@ class RaySession:
         init_kwargs: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         num_workers: int | None = None,
+        engine_role: str = "",
     ) -> WorkerGroup:
-        """A WorkerGroup of `role` on the pool and bundles the layout gives it; shut down with the session."""
+        """A WorkerGroup of `role` on the pool and bundles the layout gives it; shut down with the session.
+
+        `engine_role` (rollout, genrm): every rank gets the keyword `engine`, the EnginePlacement of the replica
+        it hosts (None for a rank that hosts none)."""
         spec = self.layout.pool_of(role)
+        placements = self.layout.placements[role]
+        num = num_workers if num_workers is not None else len(placements)
+        rank_kwargs = None
+        if engine_role:
+            hosted = {e.bundle: e for e in self.layout.engines[engine_role]}
+            rank_kwargs = [{"engine": hosted.get(p.bundle)} for p in placements[:num]]
         group = WorkerGroup(
             role,
             worker_cls,
             self.pools[spec.name],
-            num_workers if num_workers is not None else self.layout.num_workers(role),
+            num,
             env=env,
             init_args=init_args,
             init_kwargs=init_kwargs,
+            bundles=[p.bundle for p in placements[:num]],
+            rank_kwargs=rank_kwargs,
             share=spec.share,
             master_port=self.cfg.cluster.master_port,
         )

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fapo_megatron.cluster.sizing import ModelShape, resolve_shape, uses_genrm_model
+from fapo_megatron.cluster.sizing import resolve_shape, uses_genrm_model
 from fapo_megatron.cluster.slurm import job_num_nodes
 from fapo_megatron.config import Config, ConfigError
+from fapo_megatron.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def check_plan(cfg: Config, node: str) -> list[Failure]:
     policy = _shape_or_none(cfg.model.path, cfg.sizing.model_shape)
     if policy is not None:
         failures += _divisibility(policy, "parallel.tp", par.tp, node, megatron=True)
-        if policy.layers % par.pp:
+        if policy.num_layers % par.pp:
             failures.append(
                 Failure(
                     node,
                     "plan",
-                    f"{policy.name}: {policy.layers} layers do not split into parallel.pp={par.pp} stages",
+                    f"{policy.name}: {policy.num_layers} layers do not split into parallel.pp={par.pp} stages",
                 )
             )
         failures += _divisibility(policy, "rollout.tp", cfg.rollout.tp, node, megatron=False)
@@ -94,24 +95,28 @@ def check_plan(cfg: Config, node: str) -> list[Failure]:
     return failures
 
 
-def _shape_or_none(path: str, fallback: str) -> ModelShape | None:
+def _shape_or_none(path: str, fallback: str) -> ModelSpec | None:
     try:
         return resolve_shape(path, fallback, "shape")
     except ConfigError:
         return None  # a tiny random model, or a checkpoint not readable here: the paths check reports the latter
 
 
-def _divisibility(shape: ModelShape, key: str, tp: int, node: str, *, megatron: bool) -> list[Failure]:
+def _divisibility(shape: ModelSpec, key: str, tp: int, node: str, *, megatron: bool) -> list[Failure]:
     """Megatron splits heads and KV groups over TP; SGLang also allows replicating KV heads (tp % kv == 0)."""
     failures = []
-    if shape.heads % tp:
-        message = f"{shape.name}: {shape.heads} attention heads not divisible by {key}={tp}"
+    if shape.num_attention_heads % tp:
+        message = f"{shape.name}: {shape.num_attention_heads} attention heads not divisible by {key}={tp}"
         failures.append(Failure(node, "plan", message))
-    kv_ok = shape.kv_heads % tp == 0 or (not megatron and tp % shape.kv_heads == 0)
+    kv_ok = shape.num_query_groups % tp == 0 or (not megatron and tp % shape.num_query_groups == 0)
     if not kv_ok:
-        failures.append(Failure(node, "plan", f"{shape.name}: {shape.kv_heads} KV heads do not split over {key}={tp}"))
-    if megatron and shape.ffn % tp:
-        failures.append(Failure(node, "plan", f"{shape.name}: FFN size {shape.ffn} not divisible by {key}={tp}"))
+        failures.append(
+            Failure(node, "plan", f"{shape.name}: {shape.num_query_groups} KV heads do not split over {key}={tp}")
+        )
+    if megatron and shape.ffn_hidden_size % tp:
+        failures.append(
+            Failure(node, "plan", f"{shape.name}: FFN size {shape.ffn_hidden_size} not divisible by {key}={tp}")
+        )
     return failures
 
 

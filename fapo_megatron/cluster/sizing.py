@@ -31,105 +31,66 @@ from pathlib import Path
 
 from fapo_megatron.config import Config, ConfigError
 from fapo_megatron.models.registry import recompute_settings
+from fapo_megatron.models.spec import ModelSpec, UnsupportedModelError, model_spec
 
 GB = 1e9
 BF16 = 2
 FP32 = 4
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The few numbers of an HF decoder config that decide memory (Llama/Qwen2/Qwen3 style, SwiGLU, GQA)."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    head_dim: int = 0
-    """0: hidden / heads (Qwen3 sets it explicitly, and heads x head_dim may differ from hidden)."""
-    tied_embeddings: bool = False
-    qkv_bias: bool = False
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.dim_per_head
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.dim_per_head
-
-    @property
-    def layer_params(self) -> int:
-        attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
-        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        return attn + bias + 3 * self.hidden * self.ffn + 2 * self.hidden
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def num_params(self) -> int:
-        heads = 1 if self.tied_embeddings else 2
-        return self.layers * self.layer_params + heads * self.embedding_params + self.hidden
-
-    @classmethod
-    def from_hf_config(cls, raw: dict, name: str) -> ModelShape:
-        try:
-            return cls(
-                name=name,
-                hidden=raw["hidden_size"],
-                layers=raw["num_hidden_layers"],
-                heads=raw["num_attention_heads"],
-                kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-                ffn=raw["intermediate_size"],
-                vocab=raw["vocab_size"],
-                head_dim=raw.get("head_dim") or 0,
-                tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                qkv_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
-            )
-        except KeyError as err:
-            raise ConfigError(f"{name}: HF config.json lacks {err.args[0]!r}") from None
-
-
-# Copied from the public HF config.json files of these checkpoints (no download at run time).
-SHAPES = {
-    "qwen2.5-math-7b": ModelShape(
-        name="qwen2.5-math-7b", hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, qkv_bias=True
-    ),
-    "qwen2.5-32b": ModelShape(
-        name="qwen2.5-32b", hidden=5120, layers=64, heads=40, kv_heads=8, ffn=27648, vocab=152064, qkv_bias=True
-    ),
-    "qwen3-4b": ModelShape(
-        name="qwen3-4b",
-        hidden=2560,
-        layers=36,
-        heads=32,
-        kv_heads=8,
-        ffn=9728,
-        vocab=151936,
-        head_dim=128,
-        tied_embeddings=True,
-    ),
+_SHAPE_CONFIGS = {
+    "qwen2.5-math-7b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
+    "qwen2.5-32b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 5120,
+        "num_hidden_layers": 64,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "intermediate_size": 27648,
+        "vocab_size": 152064,
+        "max_position_embeddings": 131072,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    "qwen3-4b": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": 2560,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 9728,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    },
 }
+"""Keys of the public HF config.json files of these checkpoints (no download at run time)."""
+SHAPES: dict[str, ModelSpec] = {name: model_spec(raw, name) for name, raw in _SHAPE_CONFIGS.items()}
 
 
-def resolve_shape(path: str, fallback: str, what: str) -> ModelShape:
-    """Shape from `path`/config.json when readable, else the built-in `fallback`; `what` names the config key."""
+def resolve_shape(path: str, fallback: str, what: str) -> ModelSpec:
+    """Spec of `path`/config.json when readable, else the built-in `fallback`; `what` names the config key."""
     config_json = Path(path) / "config.json" if path else None
     if config_json is not None and config_json.is_file():
         try:
-            raw = json.loads(config_json.read_text())
+            return model_spec(config_json)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{config_json}: not valid JSON: {err}") from None
-        return ModelShape.from_hf_config(raw, str(config_json))
+        except UnsupportedModelError as err:
+            raise ConfigError(f"{config_json}: {err}") from None
     if fallback in SHAPES:
         return SHAPES[fallback]
     where = f"{config_json} is not readable and " if config_json is not None else ""
@@ -170,7 +131,7 @@ class SizingReport:
         return not self.problems
 
 
-def estimate(cfg: Config, policy: ModelShape, genrm: ModelShape | None) -> SizingReport:
+def estimate(cfg: Config, policy: ModelSpec, genrm: ModelSpec | None) -> SizingReport:
     """Per-GPU memory of each phase of `cfg`'s plan; `genrm` None when no GenRM model runs on the cluster."""
     gpu = cfg.sizing.gpu_memory_gb * GB
     phases = [_train_phase(cfg, policy)]
@@ -193,12 +154,12 @@ def estimate(cfg: Config, policy: ModelShape, genrm: ModelShape | None) -> Sizin
     return SizingReport(phases=phases, gpu_memory_gb=cfg.sizing.gpu_memory_gb, problems=problems)
 
 
-def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
+def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
     par, t, p, d = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp, cfg.dp
     phase = Phase("actor train")
-    stage_params = math.ceil(shape.layers / p) * shape.layer_params + shape.embedding_params
+    stage_params = math.ceil(shape.num_layers / p) * shape.layer_params + shape.embedding_params
     if p == 1:
-        stage_params += shape.hidden + (0 if shape.tied_embeddings else shape.embedding_params)  # final norm, head
+        stage_params += shape.hidden_size + (0 if shape.tie_embeddings else shape.embedding_params)  # final norm, head
     per_rank = stage_params / t
     param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
     phase.add("params", per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B")
@@ -208,24 +169,24 @@ def _train_phase(cfg: Config, shape: ModelShape) -> Phase:
     phase.add("optimizer", per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards")
     tokens = par.micro_batch_size * (cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
     sp_div = t if par.sequence_parallel else 1
-    replicated = 4 * shape.hidden / sp_div
-    split = (2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.ffn) / t
+    replicated = 4 * shape.hidden_size / sp_div
+    split = (2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.ffn_hidden_size) / t
     layer_bytes = BF16 * (replicated + split) * tokens
     # The recompute fields the actor hands megatron-core (models.registry), not the YAML's wish.
-    settings = recompute_settings(par.recompute, par.recompute_num_layers, math.ceil(shape.layers / p))
+    settings = recompute_settings(par.recompute, par.recompute_num_layers, math.ceil(shape.num_layers / p))
     if settings["recompute_granularity"] == "full":
         chunk = settings["recompute_num_layers"]
-        kept = BF16 * shape.hidden / sp_div * tokens * math.ceil(shape.layers / chunk)
-        note = f"full recompute: {math.ceil(shape.layers / chunk)} chunk inputs + {chunk} layer(s), T={tokens}"
+        kept = BF16 * shape.hidden_size / sp_div * tokens * math.ceil(shape.num_layers / chunk)
+        note = f"full recompute: {math.ceil(shape.num_layers / chunk)} chunk inputs + {chunk} layer(s), T={tokens}"
         phase.add("activations", kept + layer_bytes * chunk, note)
     else:
-        note = f"{par.recompute} recompute: {shape.layers} layers, T={tokens}"
-        phase.add("activations", layer_bytes * shape.layers, note)
-    phase.add("logits", tokens * shape.vocab / t * FP32 * 2, "fp32 logits + grad, vocab / t")
+        note = f"{par.recompute} recompute: {shape.num_layers} layers, T={tokens}"
+        phase.add("activations", layer_bytes * shape.num_layers, note)
+    phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
     return phase
 
 
-def _weight_sync_phase(cfg: Config, shape: ModelShape) -> Phase:
+def _weight_sync_phase(cfg: Config, shape: ModelSpec) -> Phase:
     """Actor parameters and the engine's weights are both resident while buckets move between them."""
     phase = Phase("weight sync")
     actor = (shape.num_params / (cfg.parallel.tp * cfg.parallel.pp)) * BF16
@@ -235,13 +196,13 @@ def _weight_sync_phase(cfg: Config, shape: ModelShape) -> Phase:
     return phase
 
 
-def _engine_phase(name, shape: ModelShape, tp: int, mem_fraction: float, seq: int, cfg: Config, problems) -> Phase:
+def _engine_phase(name, shape: ModelSpec, tp: int, mem_fraction: float, seq: int, cfg: Config, problems) -> Phase:
     gpu = cfg.sizing.gpu_memory_gb * GB
     phase = Phase(name)
     pool = mem_fraction * gpu
     weights = shape.num_params / tp * BF16
-    kv_heads_per_rank = max(1, shape.kv_heads // tp)
-    kv_per_token = 2 * shape.layers * kv_heads_per_rank * shape.dim_per_head * BF16
+    kv_heads_per_rank = max(1, shape.num_query_groups // tp)
+    kv_per_token = 2 * shape.num_layers * kv_heads_per_rank * shape.head_dim * BF16
     kv = max(pool - weights, 0.0)
     phase.add(f"{shape.name} weights", weights, f"{shape.num_params / 1e9:.2f}B params / tp={tp} bf16")
     full_sequences = kv / kv_per_token / seq

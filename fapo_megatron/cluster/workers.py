@@ -1,8 +1,8 @@
 """Worker groups: one Ray actor per rank of a role, pinned to a pool's bundles, called all together.
 
 A worker class is a plain Python class (the Megatron actor, an engine host). The group wraps it in a Ray
-actor host that first sets the rank's torch.distributed environment (see dist_env.py) and then builds it,
-so the class can call `init_distributed_from_env()` (or torch.distributed with env://) in __init__.
+actor host that first sets the rank's torch.distributed environment (see fapo_megatron/dist_env.py) and then
+builds it, so the class can call `init_distributed_from_env()` in __init__.
 A rank that raises, or whose process dies, surfaces as a WorkerError naming the role and the rank.
 """
 
@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from fapo_megatron.cluster.bundles import Pool
-from fapo_megatron.cluster.dist_env import DistEnv
+from fapo_megatron.dist_env import DistEnv
 
 
 class WorkerError(RuntimeError):
@@ -66,7 +66,8 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class WorkerGroup:
-    """`num_workers` ranks of `role`, rank r on logical bundle r of `pool`, each hosting a `worker_cls`.
+    """`num_workers` ranks of `role`, rank r on logical bundle `bundles[r]` of `pool` (default r), each hosting a
+    `worker_cls` built with `init_args`, `init_kwargs` and its own `rank_kwargs[r]`.
 
     env: extra environment variables for every worker process, set when the process starts.
     share: fraction of a bundle each worker takes (roles that time-share a bundle split it).
@@ -83,9 +84,15 @@ class WorkerGroup:
         init_args: tuple = (),
         init_kwargs: dict[str, Any] | None = None,
         *,
+        bundles: Sequence[int] | None = None,
+        rank_kwargs: Sequence[dict[str, Any]] | None = None,
         share: float = 1.0,
         master_port: int = 0,
     ):
+        bundles = list(range(num_workers)) if bundles is None else list(bundles)
+        rank_kwargs = [{}] * num_workers if rank_kwargs is None else list(rank_kwargs)
+        if len(bundles) != num_workers or len(rank_kwargs) != num_workers:
+            raise ValueError(f"{role}: {len(bundles)} bundles and {len(rank_kwargs)} kwargs for {num_workers} ranks")
         if not 0 < num_workers <= pool.num_bundles:
             raise ValueError(
                 f"{role}: {num_workers} workers asked but pool {pool.name!r} has {pool.num_bundles} bundles"
@@ -97,17 +104,16 @@ class WorkerGroup:
         if env:
             options["runtime_env"] = {"env_vars": {key: str(value) for key, value in env.items()}}
         self.actors = [
-            _RemoteHost.options(**options, scheduling_strategy=pool.scheduling(rank)).remote()
-            for rank in range(num_workers)
+            _RemoteHost.options(**options, scheduling_strategy=pool.scheduling(bundle)).remote() for bundle in bundles
         ]
         try:
             nodes = self.get([actor.node_info.remote() for actor in self.actors], "node_info")
             port = master_port or self.get([self.actors[0].free_port.remote()], "free_port")[0]
-            self.rank_envs = rank_environments(nodes, port, pool.device)
+            self.rank_envs = rank_environments(nodes, port, pool.device, pool.bundle_nodes)
             self.master_addr, self.master_port = nodes[0][0], port
             refs = [
-                actor.start.remote(rank_env, worker_cls, tuple(init_args), init_kwargs or {})
-                for actor, rank_env in zip(self.actors, self.rank_envs)
+                actor.start.remote(rank_env, worker_cls, tuple(init_args), {**(init_kwargs or {}), **kwargs})
+                for actor, rank_env, kwargs in zip(self.actors, self.rank_envs, rank_kwargs)
             ]
             self.pids = self.get(refs, f"{worker_cls.__name__}.__init__")
         except BaseException:
@@ -210,12 +216,19 @@ class WorkerGroup:
             raise WorkerError(self.role, rank, method, "timed out", str(err)) from err
 
 
-def rank_environments(nodes: Sequence[tuple[str, list[int]]], master_port: int, device: str) -> list[dict[str, str]]:
+def rank_environments(
+    nodes: Sequence[tuple[str, list[int]]],
+    master_port: int,
+    device: str,
+    pool_gpus: Sequence[tuple[str, int | None]] = (),
+) -> list[dict[str, str]]:
     """The environment each rank's process gets, given (node IP, GPU ids) per rank in rank order.
 
     LOCAL_RANK counts ranks on the same node in rank order. On cuda, Ray narrows CUDA_VISIBLE_DEVICES to a
-    worker's own GPU; it is widened to the group's GPUs on that node, so LOCAL_RANK (the rank's position
-    there) is its device index and NCCL sees its peers. Rendezvous is on rank 0's node.
+    worker's own GPU; it is widened to the pool's GPUs on that node (`pool_gpus`: (node, GPU id) of every
+    bundle; default the group's own), so LOCAL_RANK (the rank's position there) is its device index, NCCL sees
+    its peers, and an engine of tp devices reaches the ones placement.EnginePlacement.gpu_ids names.
+    Rendezvous is on rank 0's node.
     """
     by_node: dict[str, list[int]] = {}
     for rank, (node, _) in enumerate(nodes):
@@ -236,6 +249,7 @@ def rank_environments(nodes: Sequence[tuple[str, list[int]]], master_port: int, 
             if len(gpus) != 1:
                 raise RuntimeError(f"rank {rank} on {node} was given GPUs {gpus}; each worker needs exactly one")
             node_gpus = sorted({gpu for peer in by_node[node] for gpu in nodes[peer][1]})
+            node_gpus = sorted({gpu for where, gpu in pool_gpus if where == node} | set(node_gpus))
             env["LOCAL_RANK"] = str(node_gpus.index(gpus[0]))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, node_gpus))
         envs.append(env)

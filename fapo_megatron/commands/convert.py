@@ -64,7 +64,7 @@ def _guarded(convert) -> int:
     from fapo_megatron.convert.hf_io import CheckpointError
     from fapo_megatron.convert.pipeline import ParityError
     from fapo_megatron.models.hf_mapping import MappingError
-    from fapo_megatron.models.registry import UnsupportedModelError
+    from fapo_megatron.models.spec import UnsupportedModelError
 
     try:
         result = convert()

@@ -101,9 +101,10 @@ def _judge(cfg: Config):
     if cfg.genrm.backend == "external":
         yield build_judge(cfg.genrm)
         return
+    from fapo_megatron.cluster.placement import GENRM, compute_layout
     from fapo_megatron.roles.genrm import build_genrm_engine
 
-    engine = build_genrm_engine(cfg, rank=0)
+    engine = build_genrm_engine(cfg, compute_layout(cfg).engines[GENRM][0])  # this process: the first replica
     try:
         engine.start()
         yield build_judge(cfg.genrm, engine)

@@ -36,21 +36,22 @@ def init_single_process() -> None:
     mcore.init_model_parallel(1, 1, seed=0)
 
 
-def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vocab_size: int, meta: bool = False):
-    """An uninitialised TP=1/PP=1 GPTModel (local layer spec), all parameters in `dtype`, in eval mode; with `meta`
-    its parameters have shapes but no storage (enough for the checkpoint layout of `sharded_state_dict()`)."""
+def build_model(spec: hf_mapping.MappingSpec, *, dtype: torch.dtype, meta: bool = False):
+    """An uninitialised TP=1/PP=1 GPTModel (local layer spec) of `spec.model` with `spec.padded_vocab_size` rows, all
+    parameters in `dtype`, in eval mode; with `meta` its parameters have shapes but no storage (enough for the
+    checkpoint layout of `sharded_state_dict()`)."""
     from megatron.core.models.gpt import GPTModel
 
     init_single_process()
     config = registry.transformer_config(
-        model_spec, dtype=DTYPES[dtype], initialize_weights=False, use_cpu_initialization=True
+        spec.model, dtype=DTYPES[dtype], initialize_weights=False, use_cpu_initialization=True
     )
-    kwargs = registry.gpt_model_kwargs(model_spec, tp=1)
-    kwargs["vocab_size"] = padded_vocab_size
+    kwargs = registry.gpt_model_kwargs(spec.model, tp=1)
+    kwargs["vocab_size"] = spec.padded_vocab_size
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(
             config=config,
-            transformer_layer_spec=registry.layer_spec(model_spec, "local"),
+            transformer_layer_spec=registry.layer_spec(spec.model, "local"),
             pre_process=True,
             post_process=True,
             **kwargs,
@@ -60,7 +61,6 @@ def build_model(model_spec: registry.ModelSpec, *, dtype: torch.dtype, padded_vo
 
 
 def save_from_hf(
-    model_spec: registry.ModelSpec,
     spec: hf_mapping.MappingSpec,
     read_hf: Callable[[str], torch.Tensor],
     folder: str | Path,
@@ -73,7 +73,7 @@ def save_from_hf(
     `read_hf` and `on_tensor` are called from one thread at a time, not always the caller's."""
     from fapo_megatron.megatron.streaming_checkpoint import save_lazily
 
-    model = build_model(model_spec, dtype=dtype, padded_vocab_size=spec.padded_vocab_size, meta=True)
+    model = build_model(spec, dtype=dtype, meta=True)
     mappings = {m.megatron_name: m for m in hf_mapping.build_mappings(spec)}
     params = {name for name, _ in model.named_parameters()}
     if set(mappings) != params:
@@ -105,13 +105,13 @@ def save_checkpoint(model, folder: str | Path) -> None:
 
 
 def read_checkpoint(
-    model_spec: registry.ModelSpec, spec: hf_mapping.MappingSpec, folder: str | Path, *, dtype: torch.dtype
+    spec: hf_mapping.MappingSpec, folder: str | Path, *, dtype: torch.dtype
 ) -> Iterator[tuple[hf_mapping.TensorMapping, torch.Tensor]]:
     """(mapping, full megatron tensor) for every mapping in model order, loaded from a distributed checkpoint (any
     TP/PP it was saved at) one decoder layer at a time, so memory stays near one layer, not the model."""
     from fapo_megatron.megatron.streaming_checkpoint import entry_layouts, load_entries
 
-    layouts = entry_layouts(build_model(model_spec, dtype=dtype, padded_vocab_size=spec.padded_vocab_size, meta=True))
+    layouts = entry_layouts(build_model(spec, dtype=dtype, meta=True))
     for _, group in itertools.groupby(hf_mapping.build_mappings(spec), key=lambda m: m.layer):
         group = list(group)
         unknown = [m.megatron_name for m in group if m.megatron_name not in layouts]

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from fapo_megatron.convert import hf_io, megatron_io, parity
 from fapo_megatron.megatron import checkpoint_files
-from fapo_megatron.models import hf_mapping, registry
+from fapo_megatron.models import hf_mapping
+from fapo_megatron.models.spec import model_spec
 
 HF_SUBDIR = "hf"
 META_NAME = checkpoint_files.META
@@ -73,14 +74,14 @@ def _finish_out(partial: Path, out_dir: Path) -> None:
     partial.rename(out_dir)
 
 
-def mapping_spec_for(cfg: dict, *, tp: int, pp: int, divisible_by: int) -> tuple:
-    """(registry ModelSpec, MappingSpec) for an HF config under target TP/PP; raises naming what does not divide."""
-    model_spec = registry.model_spec(cfg)
-    padded = model_spec.padded_vocab_size(tp, divisible_by)
-    spec = hf_mapping.MappingSpec.from_model_spec(model_spec, padded_vocab_size=padded)
+def mapping_spec_for(cfg: dict, *, tp: int, pp: int, divisible_by: int) -> hf_mapping.MappingSpec:
+    """The mapping of an HF config under target TP/PP (vocabulary padded to lcm(divisible_by, tp)); raises naming
+    what does not divide."""
+    model = model_spec(cfg)
+    spec = hf_mapping.MappingSpec(model, model.padded_vocab_size(tp, divisible_by))
     spec.check_tp(tp)
-    hf_mapping.pp_layer_range(spec.num_layers, pp, 0)
-    return model_spec, spec
+    hf_mapping.pp_layer_range(model.num_layers, pp, 0)
+    return spec
 
 
 def check_hf_names(reader: hf_io.HFReader, spec: hf_mapping.MappingSpec) -> None:
@@ -90,7 +91,7 @@ def check_hf_names(reader: hf_io.HFReader, spec: hf_mapping.MappingSpec) -> None
     if missing:
         raise hf_io.CheckpointError(f"{reader.folder}: tensors required by config.json are missing: {missing[:5]}")
     extra = set(reader.weight_map) - needed
-    if spec.tie_word_embeddings:
+    if spec.model.tie_embeddings:
         extra.discard("lm_head.weight")  # a tied copy; megatron shares the embedding
     extra = sorted(n for n in extra if not n.endswith(IGNORED_HF_SUFFIXES))
     if extra:
@@ -149,7 +150,7 @@ def hf_to_megatron(
     import time
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    model_spec, spec = mapping_spec_for(hf_io.read_config(hf_dir), tp=tp, pp=pp, divisible_by=divisible_by)
+    spec = mapping_spec_for(hf_io.read_config(hf_dir), tp=tp, pp=pp, divisible_by=divisible_by)
     reader = hf_io.HFReader(hf_dir)
     check_hf_names(reader, spec)
     partial = _prepare_out(out_dir)
@@ -158,7 +159,6 @@ def hf_to_megatron(
     finite_reads = _FiniteReads(reader)
     with _progress(reader.total_bytes(), "hf -> megatron", progress) as bar:
         megatron_io.save_from_hf(
-            model_spec,
             spec,
             finite_reads,
             partial,
@@ -173,7 +173,7 @@ def hf_to_megatron(
     seconds = time.perf_counter() - start
     report = None
     if thresholds is not None:
-        report = check_parity(hf_dir, out_dir, model_spec, spec, thresholds)
+        report = check_parity(hf_dir, out_dir, spec, thresholds)
     return ConversionResult(out_dir, reader.bytes_read, seconds, report)
 
 
@@ -214,15 +214,14 @@ def megatron_to_hf(
     ckpt_dir, out_dir = resolve_megatron_dir(ckpt_dir), Path(out_dir)
     hf_config, config_dir = _hf_config_of(ckpt_dir, hf_config_from)
     padded_vocab, dtype = megatron_io.checkpoint_layout(ckpt_dir)
-    model_spec = registry.model_spec(hf_config)
-    spec = hf_mapping.MappingSpec.from_model_spec(model_spec, padded_vocab_size=padded_vocab)
+    spec = hf_mapping.MappingSpec(model_spec(hf_config), padded_vocab)
     partial = _prepare_out(out_dir)
     start = time.perf_counter()
-    meta_model = megatron_io.build_model(model_spec, dtype=dtype, padded_vocab_size=padded_vocab, meta=True)
+    meta_model = megatron_io.build_model(spec, dtype=dtype, meta=True)
     total = sum(p.numel() * p.element_size() for p in meta_model.parameters())
     with _progress(total, "megatron -> hf", progress) as bar:
         writer = hf_io.HFWriter(partial, max_shard_bytes=max_shard_bytes, on_bytes=bar.update)
-        for mapping, tensor in megatron_io.read_checkpoint(model_spec, spec, ckpt_dir, dtype=dtype):
+        for mapping, tensor in megatron_io.read_checkpoint(spec, ckpt_dir, dtype=dtype):
             for name, hf_tensor in zip(mapping.hf_names, hf_mapping.to_hf(mapping, tensor, spec)):
                 writer.add(name, hf_tensor)
         writer.close()
@@ -234,18 +233,18 @@ def megatron_to_hf(
     seconds = time.perf_counter() - start
     report = None
     if thresholds is not None:
-        report = check_parity(out_dir, ckpt_dir, model_spec, spec, thresholds)
+        report = check_parity(out_dir, ckpt_dir, spec, thresholds)
     return ConversionResult(out_dir, total, seconds, report)
 
 
-def check_parity(hf_dir: Path, ckpt_dir: Path, model_spec, spec, thresholds: parity.ParityThresholds):
+def check_parity(hf_dir: Path, ckpt_dir: Path, spec: hf_mapping.MappingSpec, thresholds: parity.ParityThresholds):
     """Load both sides in float32 and compare; raises ParityError (carrying the report) on failure."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    megatron_model = megatron_io.build_model(model_spec, dtype=torch.float32, padded_vocab_size=spec.padded_vocab_size)
+    megatron_model = megatron_io.build_model(spec, dtype=torch.float32)
     megatron_io.load_checkpoint(megatron_model, ckpt_dir)
-    prompts = parity.prompt_ids(hf_dir, spec.vocab_size)
+    prompts = parity.prompt_ids(hf_dir, spec.model.vocab_size)
     report = parity.compare(hf_model, megatron_model, prompts, thresholds)
     del hf_model, megatron_model
     gc.collect()

@@ -37,6 +37,7 @@ from fapo_megatron.megatron.logprobs import align_to_tokens, vocab_parallel_logp
 from fapo_megatron.megatron.offload import KINDS, StateOffloader
 from fapo_megatron.megatron.packing import packed_micro_batches, padded_micro_batches, unpack
 from fapo_megatron.models import hf_mapping, registry
+from fapo_megatron.models.spec import ModelSpec, model_spec, tiny_hf_config
 
 logger = logging.getLogger(__name__)
 _LOSS_METRICS = ("pg_loss", "kl_loss", "entropy_loss")
@@ -59,16 +60,13 @@ class MegatronActor:
 
             hf_config = checkpoint_hf_config(cfg.model.megatron_checkpoint)
         elif hf_config is None:
-            hf_config = registry.tiny_hf_config(cfg.model.tiny)
+            hf_config = tiny_hf_config(cfg.model.tiny)
         self.hf_config = hf_config
-        self.spec = registry.model_spec(hf_config)
+        self.spec = model_spec(hf_config)
         self.backend = registry.resolve_backend("auto")
         """The layer spec built (local or Transformer Engine); the HF name map follows it."""
-        self.mapping = dataclasses.replace(
-            hf_mapping.MappingSpec.from_hf_config(
-                hf_config, tp=par.tp, layer_renames=registry.parameter_renames(self.spec, self.backend)
-            ),
-            padded_vocab_size=self.spec.padded_vocab_size(par.tp),
+        self.mapping = hf_mapping.MappingSpec.for_tp(
+            self.spec, par.tp, registry.parameter_renames(self.spec, self.backend)
         )
         self.mapping.check_tp(par.tp)
         self.config = actor_transformer_config(cfg, self.spec, self.backend)
@@ -165,17 +163,14 @@ class MegatronActor:
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         pp_ranks = dist.get_process_group_ranks(pp_group)
         for mapping in hf_mapping.build_mappings(spec):
-            stage = 0 if mapping.layer is None and "embedding" in mapping.megatron_name else lay.pp - 1
-            if mapping.layer is not None:
-                stage = hf_mapping.global_to_local_layer(mapping.layer, spec.num_layers, lay.pp)[0]
-            full_shape = _full_shape(mapping, spec)
+            stage = mapping.pp_stage(spec.model.num_layers, lay.pp)
             if lay.pp_rank == stage:
-                local = params[hf_mapping.localize_name(mapping.megatron_name, spec.num_layers, lay.pp)].detach()
+                local = params[hf_mapping.localize_name(mapping.megatron_name, spec.model.num_layers, lay.pp)].detach()
                 shards = [torch.empty_like(local) for _ in range(lay.tp)]
                 dist.all_gather(shards, local.contiguous(), group=tp_group)
                 full = hf_mapping.tp_gather(mapping.megatron_name, shards)
             else:
-                full = torch.empty(full_shape, dtype=self.config.params_dtype, device=platform.device())
+                full = torch.empty(mapping.shape, dtype=self.config.params_dtype, device=platform.device())
             if lay.pp > 1:
                 dist.broadcast(full, src=pp_ranks[stage], group=pp_group)
             yield from zip(mapping.hf_names, hf_mapping.to_hf(mapping, full, spec))
@@ -416,7 +411,7 @@ class MegatronActor:
         mcore.destroy_model_parallel()
 
 
-def actor_transformer_config(cfg: Config, spec: registry.ModelSpec, backend: str = "local"):
+def actor_transformer_config(cfg: Config, spec: ModelSpec, backend: str = "local"):
     """The actor's megatron-core TransformerConfig: parallel layout, dtype, recompute and fusions from `cfg`; with
     the Transformer Engine spec (fused norm + linear) also TE's RoPE fusion, and gradient-accumulation fusion where
     its kernel (fused_weight_gradient_mlp_cuda) imports."""
@@ -443,25 +438,6 @@ def actor_transformer_config(cfg: Config, spec: registry.ModelSpec, backend: str
         variable_seq_lengths=par.max_tokens_per_micro_batch > 0,
         moe_token_dispatcher_type="alltoall",
     )
-
-
-def _full_shape(mapping: hf_mapping.TensorMapping, spec: hf_mapping.MappingSpec) -> tuple[int, ...]:
-    hidden = spec.hidden_size
-    name = mapping.megatron_name
-    if mapping.kind == "vocab":
-        return (spec.padded_vocab_size, hidden)
-    if mapping.kind == "qkv":
-        rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
-        return (rows, hidden) if name.endswith("weight") else (rows,)
-    if mapping.kind == "gate_up":
-        return (2 * spec.ffn_hidden_size, hidden)
-    if name.endswith("linear_proj.weight"):
-        return (hidden, spec.num_attention_heads * spec.head_dim)
-    if name.endswith("linear_fc2.weight"):
-        return (hidden, spec.ffn_hidden_size)
-    if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
-        return (spec.head_dim,)
-    return (hidden,)
 
 
 def _broadcast_names(names: list[str], src: int, group) -> list[str]:

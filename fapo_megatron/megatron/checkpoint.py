@@ -171,7 +171,7 @@ def _check_compatible(actor, folder: Path) -> None:
         if item.key in _VOCAB_KEYS and saved_shape[1:] == shape[1:]:
             hint = (
                 f" (vocabulary padding differs: the actor pads vocab_size={actor.spec.vocab_size} to {shape[0]} rows "
-                f"for tp={actor.layout.tp}, registry.ModelSpec.padded_vocab_size; convert with the default "
+                f"for tp={actor.layout.tp}, models.spec.ModelSpec.padded_vocab_size; convert with the default "
                 f"--vocab-divisible-by or a matching one)"
             )
         raise CheckpointMismatchError(

@@ -18,8 +18,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from fapo_megatron.config import OptimConfig
+from fapo_megatron.dist_env import PROCESS_GROUP_TIMEOUT_MINUTES
 from fapo_megatron.megatron import platform
 from fapo_megatron.models import registry
+from fapo_megatron.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,11 @@ class ParallelLayout:
 def init_model_parallel(tp: int, pp: int, seed: int) -> ParallelLayout:
     """Create megatron's process groups (once per process) and seed its RNG tracker."""
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=PROCESS_GROUP_TIMEOUT_MINUTES,
+        )
     elif (current_layout().tp, current_layout().pp) != (tp, pp):
         raise RuntimeError("megatron process groups already exist with another tp/pp; one layout per process")
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -67,7 +73,7 @@ def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
 
 
-def build_gpt_model(spec: registry.ModelSpec, config, layout: ParallelLayout, backend: str = "auto") -> GPTModel:
+def build_gpt_model(spec: ModelSpec, config, layout: ParallelLayout, backend: str = "auto") -> GPTModel:
     """The GPTModel of this rank's pipeline stage on `platform.device()`."""
     with warnings.catch_warnings():
         # megatron-core >= 0.19 deprecates GPTModel in favour of HybridModel; GPTModel is what we test against.

@@ -16,66 +16,31 @@ On CUDA `setup("cuda")` only selects the local GPU; nothing is patched. Everythi
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    """torch.distributed rendezvous read from the standard environment variables."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise RuntimeError(f"torch.distributed environment incomplete: {', '.join(missing)} not set")
-        return cls(
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
-            master_addr=os.environ["MASTER_ADDR"],
-            master_port=int(os.environ["MASTER_PORT"]),
-        )
-
+from fapo_megatron.dist_env import DistEnv, init_distributed_from_env
 
 _DEVICE: torch.device | None = None
 _CPU_MODE: _CudaToCpuMode | None = None
 
 
-def setup(device_kind: str, *, timeout_minutes: int = 30) -> DistEnv:
-    """Initialise torch.distributed from the environment for `device_kind` ('cpu' or 'cuda'); idempotent."""
+def setup(device_kind: str) -> DistEnv:
+    """Join torch.distributed (`dist_env.init_distributed_from_env`) for `device_kind` ('cpu' or 'cuda');
+    idempotent."""
     global _DEVICE
     if device_kind not in ("cpu", "cuda"):
         raise ValueError(f"device kind {device_kind!r}: choose 'cpu' or 'cuda'")
-    env = DistEnv.from_environ()
     if device_kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("cluster.device=cuda but torch sees no CUDA device")
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        env = init_distributed_from_env("nccl")
         _DEVICE = torch.device("cuda", torch.cuda.current_device())
-        backend = "nccl"
     else:
         _install_cpu_patches()
+        env = init_distributed_from_env("gloo")
         _DEVICE = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
     return env
 
 

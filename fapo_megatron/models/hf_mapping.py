@@ -1,26 +1,30 @@
 """HF transformers <-> megatron-core GPTModel weight mapping: names, fused layouts, TP slices, PP layer ownership.
 
 Pure functions over tensors; nothing here imports megatron.core, so the actor, the checkpoint converter and the
-weight-sync exporter share one mapping. A model family (picked from FAMILIES by the HF `model_type`) is data:
-which optional tensors it has. Every full megatron tensor below is the unsharded tensor of a TP=1/PP=1 model,
-named with global layer indices.
+weight-sync exporter share one mapping. It is built from the parsed model (`models/spec.ModelSpec`: shapes and
+which optional tensors the family has); each `TensorMapping` carries its full shape and the pipeline stage that
+holds it. Every full megatron tensor below is the unsharded tensor of a TP=1/PP=1 model, named with global layer
+indices.
 
 Megatron layouts reproduced here:
 * linear_qkv: rows grouped per KV group, [q heads of group g..., k_g, v_g] for g in groups (the view that
   `SelfAttention.get_query_key_value_tensors` splits), so a contiguous TP chunk holds whole groups.
 * linear_fc1 (SwiGLU): cat(gate, up) on dim 0; a TP rank holds cat(gate_r, up_r), not a contiguous chunk.
-* word embeddings / output layer: vocab padded with zero rows to a multiple of `divisible_by * tp`.
+* word embeddings / output layer: vocab padded with zero rows (`ModelSpec.padded_vocab_size`: lcm(128, tp)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from fapo_megatron.models.spec import ModelSpec
+
 TensorKind = Literal["copy", "qkv", "gate_up", "vocab"]
+Owner = Literal["embedding", "layer", "head"]
 
 
 class MappingError(ValueError):
@@ -28,130 +32,33 @@ class MappingError(ValueError):
 
 
 @dataclass(frozen=True)
-class Family:
-    """What one HF model family has beyond the common Llama-style decoder."""
-
-    name: str
-    qkv_bias: bool
-    qk_norm: bool
-
-
-# HF `model_type` -> family. SmolLM2 is `llama`.
-FAMILIES: dict[str, Family] = {
-    "llama": Family(name="llama", qkv_bias=False, qk_norm=False),
-    "qwen2": Family(name="qwen2", qkv_bias=True, qk_norm=False),
-    "qwen3": Family(name="qwen3", qkv_bias=False, qk_norm=True),
-}
-
-
-def _config_dict(hf_config: Any) -> dict:
-    return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-
-
-def get_family(hf_config: Any) -> Family:
-    """The family of an HF config (PretrainedConfig or config.json dict); unsupported ones are named."""
-    model_type = _config_dict(hf_config).get("model_type")
-    if model_type not in FAMILIES:
-        raise MappingError(
-            f"unsupported architecture: model_type={model_type!r}; supported model types: {sorted(FAMILIES)}"
-        )
-    return FAMILIES[model_type]
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron's vocab padding: round up to a multiple of divisible_by * tp so every TP rank gets equal rows."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-@dataclass(frozen=True)
 class MappingSpec:
-    """Shapes and naming choices that fix the mapping for one model."""
+    """The parsed model and the naming choices that fix the mapping for it."""
 
-    family: Family
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    ffn_hidden_size: int
-    vocab_size: int
-    """HF vocabulary size (rows of embed_tokens / lm_head)."""
+    model: ModelSpec
     padded_vocab_size: int
-    """Megatron rows of word_embeddings / output_layer; >= vocab_size, extra rows are zero."""
-    tie_word_embeddings: bool
+    """Megatron rows of word_embeddings / output_layer; >= vocab_size, extra rows are zero. A new model takes
+    `ModelSpec.padded_vocab_size(tp)` (`for_tp`), a checkpoint its own rows."""
     layer_renames: tuple[tuple[str, str], ...] = ()
     """(local prefix, built prefix) renames of decoder-layer parameter names for the layer spec actually built:
     empty for the local spec; for Transformer Engine's, megatron-core's own local-to-TE key map
     (`models.registry.parameter_renames`), whose norms are fused into linear_qkv / linear_fc1."""
 
     def __post_init__(self):
-        if self.num_attention_heads % self.num_query_groups:
-            raise MappingError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_query_groups}"
-            )
-        if self.padded_vocab_size < self.vocab_size:
-            raise MappingError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
+        if self.padded_vocab_size < self.model.vocab_size:
+            raise MappingError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.model.vocab_size}")
 
     @classmethod
-    def from_hf_config(
-        cls,
-        hf_config: Any,
-        *,
-        tp: int = 1,
-        make_vocab_size_divisible_by: int = 128,
-        layer_renames: tuple[tuple[str, str], ...] = (),
-    ) -> MappingSpec:
-        """Read an HF config (PretrainedConfig or config.json dict); vocab padding is for tensor parallel `tp`."""
-        cfg = _config_dict(hf_config)
-        family = get_family(cfg)
-        for key in ("attention_bias", "mlp_bias"):
-            if cfg.get(key) and not (key == "attention_bias" and family.qkv_bias):
-                raise MappingError(f"unsupported option {key}=True for model_type={cfg['model_type']!r}")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if not cfg.get(key):
-                raise MappingError(f"HF config is missing {key!r}")
-        heads = cfg["num_attention_heads"]
-        return cls(
-            family=family,
-            num_layers=cfg["num_hidden_layers"],
-            hidden_size=cfg["hidden_size"],
-            num_attention_heads=heads,
-            num_query_groups=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            ffn_hidden_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            padded_vocab_size=padded_vocab_size(cfg["vocab_size"], make_vocab_size_divisible_by, tp),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            layer_renames=layer_renames,
-        )
-
-    @classmethod
-    def from_model_spec(
-        cls, model_spec: Any, *, padded_vocab_size: int, layer_renames: tuple[tuple[str, str], ...] = ()
-    ) -> MappingSpec:
-        """From the actor's `models.registry.ModelSpec` (the parsed HF config), with the checkpoint's vocab rows."""
-        return cls(
-            family=Family(name=model_spec.family, qkv_bias=model_spec.qkv_bias, qk_norm=model_spec.qk_layernorm),
-            num_layers=model_spec.num_layers,
-            hidden_size=model_spec.hidden_size,
-            num_attention_heads=model_spec.num_attention_heads,
-            num_query_groups=model_spec.num_query_groups,
-            head_dim=model_spec.head_dim,
-            ffn_hidden_size=model_spec.ffn_hidden_size,
-            vocab_size=model_spec.vocab_size,
-            padded_vocab_size=padded_vocab_size,
-            tie_word_embeddings=model_spec.tie_embeddings,
-            layer_renames=layer_renames,
-        )
+    def for_tp(cls, model: ModelSpec, tp: int, layer_renames: tuple[tuple[str, str], ...] = ()) -> MappingSpec:
+        """The mapping of a model built for tensor parallel `tp` (the one vocabulary padding rule)."""
+        return cls(model, model.padded_vocab_size(tp), layer_renames)
 
     def check_tp(self, tp: int) -> None:
         """Raise naming the quantity that tensor-parallel size `tp` does not divide."""
         for what, value in (
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_query_groups),
-            ("intermediate_size", self.ffn_hidden_size),
+            ("num_attention_heads", self.model.num_attention_heads),
+            ("num_key_value_heads", self.model.num_query_groups),
+            ("intermediate_size", self.model.ffn_hidden_size),
             ("padded vocab size", self.padded_vocab_size),
         ):
             if value % tp:
@@ -160,32 +67,54 @@ class MappingSpec:
 
 @dataclass(frozen=True)
 class TensorMapping:
-    """One megatron tensor and the HF tensors it is made of."""
+    """One megatron tensor, the HF tensors it is made of, its full shape and the pipeline stage that holds it."""
 
     megatron_name: str
     hf_names: tuple[str, ...]
     kind: TensorKind
     layer: int | None
     """Global decoder layer index; None for embeddings, final norm and output layer."""
+    shape: tuple[int, ...]
+    """Full (TP=1) megatron shape, vocabulary rows padded."""
+    owner: Owner
+    """Who holds it: the embedding (first stage), a decoder layer, or the head (final norm, output layer: last
+    stage)."""
+
+    def pp_stage(self, num_layers: int, pp: int) -> int:
+        """The pipeline stage (of `pp`) whose module holds this tensor."""
+        if self.owner == "layer":
+            return global_to_local_layer(self.layer, num_layers, pp)[0]
+        return 0 if self.owner == "embedding" else pp - 1
 
 
 def _layer_mappings(spec: MappingSpec, i: int) -> list[TensorMapping]:
+    model = spec.model
+    hidden, ffn, head = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    qkv_rows = model.q_dim + 2 * model.kv_dim
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
     qkv = tuple(f"{h}self_attn.{p}_proj" for p in "qkv")
     rows = [
-        ("input_layernorm.weight", (f"{h}input_layernorm.weight",), "copy"),
-        ("self_attention.linear_qkv.weight", tuple(f"{n}.weight" for n in qkv), "qkv"),
-        ("self_attention.linear_proj.weight", (f"{h}self_attn.o_proj.weight",), "copy"),
-        ("pre_mlp_layernorm.weight", (f"{h}post_attention_layernorm.weight",), "copy"),
-        ("mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"), "gate_up"),
-        ("mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "copy"),
+        ("input_layernorm.weight", (f"{h}input_layernorm.weight",), "copy", (hidden,)),
+        ("self_attention.linear_qkv.weight", tuple(f"{n}.weight" for n in qkv), "qkv", (qkv_rows, hidden)),
+        ("self_attention.linear_proj.weight", (f"{h}self_attn.o_proj.weight",), "copy", (hidden, model.q_dim)),
+        ("pre_mlp_layernorm.weight", (f"{h}post_attention_layernorm.weight",), "copy", (hidden,)),
+        (
+            "mlp.linear_fc1.weight",
+            (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"),
+            "gate_up",
+            (2 * ffn, hidden),
+        ),
+        ("mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "copy", (hidden, ffn)),
     ]
-    if spec.family.qkv_bias:
-        rows.append(("self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv), "qkv"))
-    if spec.family.qk_norm:
-        rows.append(("self_attention.q_layernorm.weight", (f"{h}self_attn.q_norm.weight",), "copy"))
-        rows.append(("self_attention.k_layernorm.weight", (f"{h}self_attn.k_norm.weight",), "copy"))
-    return [TensorMapping(m + _rename(name, spec.layer_renames), hf, kind, i) for name, hf, kind in rows]
+    if model.qkv_bias:
+        rows.append(("self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv), "qkv", (qkv_rows,)))
+    if model.qk_layernorm:
+        rows.append(("self_attention.q_layernorm.weight", (f"{h}self_attn.q_norm.weight",), "copy", (head,)))
+        rows.append(("self_attention.k_layernorm.weight", (f"{h}self_attn.k_norm.weight",), "copy", (head,)))
+    return [
+        TensorMapping(m + _rename(name, spec.layer_renames), hf, kind, i, shape, "layer")
+        for name, hf, kind, shape in rows
+    ]
 
 
 def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
@@ -195,30 +124,36 @@ def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
     return name
 
 
+def _vocab(megatron_name: str, hf_name: str, spec: MappingSpec, owner: Owner) -> TensorMapping:
+    shape = (spec.padded_vocab_size, spec.model.hidden_size)
+    return TensorMapping(megatron_name, (hf_name,), "vocab", None, shape, owner)
+
+
 def build_mappings(spec: MappingSpec, layers: range | None = None) -> list[TensorMapping]:
     """All mappings in model order: embedding, decoder layers (`layers`, default all), final norm, output layer."""
-    layers = range(spec.num_layers) if layers is None else layers
-    out = [TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", None)]
+    layers = range(spec.model.num_layers) if layers is None else layers
+    out = [_vocab("embedding.word_embeddings.weight", "model.embed_tokens.weight", spec, "embedding")]
     for i in layers:
         out.extend(_layer_mappings(spec, i))
-    out.append(TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", None))
-    if not spec.tie_word_embeddings:
-        out.append(TensorMapping("output_layer.weight", ("lm_head.weight",), "vocab", None))
+    norm = ("model.norm.weight",)
+    out.append(TensorMapping("decoder.final_layernorm.weight", norm, "copy", None, (spec.model.hidden_size,), "head"))
+    if not spec.model.tie_embeddings:
+        out.append(_vocab("output_layer.weight", "lm_head.weight", spec, "head"))
     return out
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MappingSpec) -> torch.Tensor:
     """HF q/k/v projections (weights [out, hidden] or biases [out]) -> megatron per-group [q..., k, v] rows."""
-    groups, per_group = spec.num_query_groups, spec.num_attention_heads // spec.num_query_groups
+    groups, per_group = spec.model.num_query_groups, spec.model.num_attention_heads // spec.model.num_query_groups
     tail = q.shape[1:]
-    _check_shape("q_proj", q, (spec.num_attention_heads * spec.head_dim, *tail))
-    _check_shape("k_proj", k, (groups * spec.head_dim, *tail))
-    _check_shape("v_proj", v, (groups * spec.head_dim, *tail))
+    _check_shape("q_proj", q, (spec.model.num_attention_heads * spec.model.head_dim, *tail))
+    _check_shape("k_proj", k, (groups * spec.model.head_dim, *tail))
+    _check_shape("v_proj", v, (groups * spec.model.head_dim, *tail))
     fused = torch.cat(
         [
-            q.reshape(groups, per_group * spec.head_dim, *tail),
-            k.reshape(groups, spec.head_dim, *tail),
-            v.reshape(groups, spec.head_dim, *tail),
+            q.reshape(groups, per_group * spec.model.head_dim, *tail),
+            k.reshape(groups, spec.model.head_dim, *tail),
+            v.reshape(groups, spec.model.head_dim, *tail),
         ],
         dim=1,
     )
@@ -227,11 +162,11 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MappingSp
 
 def split_qkv(fused: torch.Tensor, spec: MappingSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of merge_qkv."""
-    groups, per_group = spec.num_query_groups, spec.num_attention_heads // spec.num_query_groups
+    groups, per_group = spec.model.num_query_groups, spec.model.num_attention_heads // spec.model.num_query_groups
     tail = fused.shape[1:]
-    _check_shape("linear_qkv", fused, ((per_group + 2) * groups * spec.head_dim, *tail))
-    grouped = fused.reshape(groups, (per_group + 2) * spec.head_dim, *tail)
-    q, k, v = torch.split(grouped, [per_group * spec.head_dim, spec.head_dim, spec.head_dim], dim=1)
+    _check_shape("linear_qkv", fused, ((per_group + 2) * groups * spec.model.head_dim, *tail))
+    grouped = fused.reshape(groups, (per_group + 2) * spec.model.head_dim, *tail)
+    q, k, v = torch.split(grouped, [per_group * spec.model.head_dim, spec.model.head_dim, spec.model.head_dim], dim=1)
     return tuple(t.reshape(-1, *tail).contiguous() for t in (q, k, v))
 
 
@@ -254,25 +189,25 @@ def to_megatron(mapping: TensorMapping, hf_tensors: tuple[torch.Tensor, ...], sp
     if mapping.kind == "gate_up":
         gate, up = hf_tensors
         for name, t in zip(mapping.hf_names, hf_tensors):
-            _check_shape(name, t, (spec.ffn_hidden_size, spec.hidden_size))
+            _check_shape(name, t, (spec.model.ffn_hidden_size, spec.model.hidden_size))
         return torch.cat([gate, up]).contiguous()
     (tensor,) = hf_tensors
     if mapping.kind == "vocab":
-        _check_shape(mapping.hf_names[0], tensor, (spec.vocab_size, spec.hidden_size))
+        _check_shape(mapping.hf_names[0], tensor, (spec.model.vocab_size, spec.model.hidden_size))
         return _pad_vocab(tensor, spec)
+    _check_shape(mapping.hf_names[0], tensor, mapping.shape)
     return tensor.contiguous()
 
 
 def to_hf(mapping: TensorMapping, tensor: torch.Tensor, spec: MappingSpec) -> tuple[torch.Tensor, ...]:
     """The HF tensors (in mapping.hf_names order) for one full megatron tensor."""
+    _check_shape(mapping.megatron_name, tensor, mapping.shape)
     if mapping.kind == "qkv":
         return split_qkv(tensor, spec)
     if mapping.kind == "gate_up":
-        _check_shape(mapping.megatron_name, tensor, (2 * spec.ffn_hidden_size, spec.hidden_size))
         return tuple(t.contiguous() for t in torch.chunk(tensor, 2))
     if mapping.kind == "vocab":
-        _check_shape(mapping.megatron_name, tensor, (spec.padded_vocab_size, spec.hidden_size))
-        return (tensor[: spec.vocab_size].contiguous(),)
+        return (tensor[: spec.model.vocab_size].contiguous(),)
     return (tensor.contiguous(),)
 
 
@@ -360,15 +295,10 @@ def stage_mappings(spec: MappingSpec, pp: int, stage: int) -> list[TensorMapping
     """Mappings owned by one pipeline stage: its layers, embedding on the first, final norm/output on the last.
 
     With tied embeddings and pp > 1 the last stage also holds output_layer.weight, a copy of the embedding."""
-    ranged = build_mappings(spec, pp_layer_range(spec.num_layers, pp, stage))
-    first, last = stage == 0, stage == pp - 1
-    out = [m for m in ranged if m.layer is not None]
-    if first:
-        out.insert(0, ranged[0])
-    if last:
-        out.extend(m for m in ranged if m.layer is None and m.megatron_name != "embedding.word_embeddings.weight")
-        if spec.tie_word_embeddings and pp > 1:
-            out.append(TensorMapping("output_layer.weight", ("model.embed_tokens.weight",), "vocab", None))
+    ranged = build_mappings(spec, pp_layer_range(spec.model.num_layers, pp, stage))
+    out = [m for m in ranged if m.pp_stage(spec.model.num_layers, pp) == stage]
+    if stage == pp - 1 and spec.model.tie_embeddings and pp > 1:
+        out.append(_vocab("output_layer.weight", "model.embed_tokens.weight", spec, "head"))
     return out
 
 
@@ -397,7 +327,7 @@ def rank_state_dict(
     out = {}
     for mapping in stage_mappings(spec, pp, pp_stage):
         full = to_megatron(mapping, tuple(read(n) for n in mapping.hf_names), spec)
-        out[localize_name(mapping.megatron_name, spec.num_layers, pp)] = tp_slice(
+        out[localize_name(mapping.megatron_name, spec.model.num_layers, pp)] = tp_slice(
             mapping.megatron_name, full, tp, tp_rank
         )
     return out

@@ -6,16 +6,17 @@ Colocated runs place these on the policy's devices (they sleep while the policy 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
+from fapo_megatron.cluster.placement import EnginePlacement
 from fapo_megatron.config import Config, from_dict
 from fapo_megatron.genrm.build import build_judge
 from fapo_megatron.genrm.types import JudgeRequest, Verdict
 
 
-def build_genrm_engine(cfg: Config, rank: int):
-    """The engine behind a model GenRM (embedded HF model or an SGLang server of genrm.model_path)."""
+def build_genrm_engine(cfg: Config, engine: EnginePlacement):
+    """The engine behind a model GenRM (embedded HF model or an SGLang server of genrm.model_path) on the devices
+    and port placement gave it (`engine`)."""
     genrm = cfg.genrm
     if not genrm.model_path:
         raise ValueError(f"genrm.backend={genrm.backend} needs genrm.model_path (the GenRM checkpoint folder)")
@@ -26,8 +27,8 @@ def build_genrm_engine(cfg: Config, rank: int):
             model_path=genrm.model_path,
             tp_size=genrm.tp,
             mem_fraction_static=genrm.mem_fraction,
-            port=cfg.rollout.sglang_port + 1000 + rank,
-            base_gpu_id=rank % cfg.cluster.devices_per_node,
+            port=engine.port,
+            base_gpu_id=engine.base_gpu_id,
             skip_tokenizer_init=False,
             enable_weights_cpu_backup=True,  # nobody pushes GenRM weights: released ones must come back from host
         )
@@ -44,9 +45,9 @@ def build_genrm_engine(cfg: Config, rank: int):
 
 
 class GenRMWorker:
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, cfg_dict: dict, engine: EnginePlacement):
         self.cfg = from_dict(Config, cfg_dict)
-        self.engine = build_genrm_engine(self.cfg, int(os.environ.get("RANK", "0")))
+        self.engine = build_genrm_engine(self.cfg, engine)
         self.engine.start()
         self.judge_client = build_judge(self.cfg.genrm, self.engine)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fapo_megatron.algo.batch import TrainBatch
+from fapo_megatron.cluster.placement import EnginePlacement
 from fapo_megatron.config import Config, from_dict
 from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
@@ -38,8 +39,9 @@ ACTOR_RESIDENCY: dict[str, tuple[str, ...]] = {
 without it everything stays resident."""
 
 
-def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) -> Engine:
-    """The policy's generation engine; it starts with the actor's weights after the first `sync_weights`."""
+def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int, engine: EnginePlacement) -> Engine:
+    """The policy's generation engine on the devices and port placement gave it (`engine`); it starts with the
+    actor's weights after the first `sync_weights`."""
     rollout = cfg.rollout
     if rollout.backend == "sglang":
         from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
@@ -55,8 +57,8 @@ def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) 
             model_path=cfg.model.path,
             tp_size=rollout.tp,
             mem_fraction_static=rollout.mem_fraction,
-            port=rollout.sglang_port + rank,
-            base_gpu_id=rank % cfg.cluster.devices_per_node,
+            port=engine.port,
+            base_gpu_id=engine.base_gpu_id,
             random_seed=cfg.trainer.seed + rank,
             dtype=cfg.model.dtype,
             enable_deterministic_inference=True,  # the trainer seeds every rollout from trainer.seed
@@ -87,10 +89,10 @@ def engine_ranks(world_size: int, rollout_tp: int) -> list[int]:
 
 
 class PolicyWorker:
-    """Built inside a Ray worker whose environment holds the torch.distributed rendezvous (cluster.dist_env)."""
+    """Built inside a Ray worker whose environment holds the torch.distributed rendezvous (dist_env.py)."""
 
-    def __init__(self, cfg_dict: dict):
-        from fapo_megatron.cluster.dist_env import init_distributed_from_env
+    def __init__(self, cfg_dict: dict, engine: EnginePlacement | None = None):
+        from fapo_megatron.dist_env import init_distributed_from_env
         from fapo_megatron.megatron.actor import MegatronActor
 
         self.cfg = from_dict(Config, cfg_dict)
@@ -104,7 +106,7 @@ class PolicyWorker:
         self.engine: Engine | None = None
         if self.rank in self.engine_ranks:
             self.engine = build_rollout_engine(
-                self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank
+                self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank, engine=engine
             )
             self.engine.start()
 

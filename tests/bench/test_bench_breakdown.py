@@ -9,11 +9,22 @@ from fapo_megatron.bench.breakdown import COLUMNS, breakdown_run, step_breakdown
 from fapo_megatron.bench.cost_model import CostAssumptions, assumptions_with
 from fapo_megatron.bench.flops import forward_flops_per_token, matmul_params, mfu, train_flops_per_token
 from fapo_megatron.cli import main
-from fapo_megatron.cluster.sizing import ModelShape
 from fapo_megatron.config import ConfigError, dump_yaml, load_config
+from fapo_megatron.models.spec import model_spec
 
 # hidden 4, 2 layers, 2 heads of dim 2 (q_dim 4), 1 KV head (kv_dim 2), ffn 8, vocab 10
-TINY = ModelShape(name="hand", hidden=4, layers=2, heads=2, kv_heads=1, ffn=8, vocab=10)
+TINY = model_spec(
+    {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+    },
+    "hand",
+)
 
 # batch 4 prompts x n 2 = 8 rollouts per step, 2 devices
 OVERRIDES = [
@@ -80,7 +91,18 @@ def test_matmul_params_and_flops_by_hand():
 
 def test_flops_match_the_published_1p5b_figure():
     """RESULTS.md: Qwen2.5-1.5B shape at 4096 tokens is 10.32 GFLOP/token (fwd + bwd)."""
-    shape = ModelShape(name="1.5b", hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936)
+    shape = model_spec(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 1536,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "intermediate_size": 8960,
+            "vocab_size": 151936,
+        },
+        "1.5b",
+    )
     # 28 x (1536 x 2048 + 1536^2 + 3 x 1536 x 8960) + 151936 x 1536 = 1,543,569,408 matmul params
     assert matmul_params(shape) == 1_543_569_408
     assert train_flops_per_token(shape, 4096) == 6 * 1_543_569_408 + 6 * 28 * 1536 * 4096

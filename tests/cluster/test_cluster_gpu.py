@@ -11,9 +11,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from fapo_megatron.cluster.dist_env import init_distributed_from_env
 from fapo_megatron.cluster.pools import ray_session
 from fapo_megatron.config import load_config
+from fapo_megatron.dist_env import init_distributed_from_env
 
 NUM_GPUS = 1
 
@@ -26,7 +26,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 class NcclWorker:
     def __init__(self):
-        self.dist_env = init_distributed_from_env(timeout_s=120)
+        self.dist_env = init_distributed_from_env()
 
     def report(self, value: float) -> dict:
         tensor = torch.full((4,), value, device="cuda")

@@ -19,9 +19,9 @@ import ray
 import torch
 import torch.distributed as dist
 
-from fapo_megatron.cluster.dist_env import init_distributed_from_env
 from fapo_megatron.cluster.pools import ray_session
 from fapo_megatron.config import load_config
+from fapo_megatron.dist_env import init_distributed_from_env
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -48,7 +48,7 @@ HEAD_SCRIPT = textwrap.dedent(
 
 class RankSum:
     def __init__(self):
-        init_distributed_from_env(timeout_s=60)
+        init_distributed_from_env()
 
     def sum_ranks(self) -> tuple[int, int]:
         tensor = torch.tensor([dist.get_rank() + 1])

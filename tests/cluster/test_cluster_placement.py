@@ -54,8 +54,8 @@ def test_cuda_separate_genrm_gets_its_own_pool():
     assert (actor.num_bundles, actor.roles, actor.strategy) == (4, ("actor", "rollout"), "STRICT_PACK")
     assert (genrm.num_bundles, genrm.roles, genrm.share) == (2, ("genrm",), 1.0)
     assert genrm.bundle == {"GPU": 1.0, "CPU": 1.0}
-    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["genrm"]] == [(0, "genrm", 0), (1, "genrm", 1)]
-    assert layout.num_workers("actor") == 4 and layout.num_workers("genrm") == 2
+    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["genrm"]] == [(0, "genrm", 0)]  # one tp=2 replica
+    assert layout.num_workers("actor") == 4 and layout.num_workers("genrm") == 1
 
 
 def test_separate_genrm_pool_larger_than_a_node_spans_nodes():
@@ -114,3 +114,76 @@ def test_rank_environments_on_cpu_count_local_ranks_per_node_and_use_gloo():
     envs = rank_environments([("a", []), ("b", []), ("a", [])], 1234, "cpu")
     assert [(e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) for e in envs] == [("0", "2"), ("0", "1"), ("1", "2")]
     assert all("CUDA_VISIBLE_DEVICES" not in e and e["FAPO_DIST_BACKEND"] == "gloo" for e in envs)
+
+
+def _check_engines(engines, per_node, tp, pool_bundles):
+    """Every device of the pool in exactly one replica, replicas inside their node, ports unique per node."""
+    used = [(e.node, gpu) for e in engines for gpu in e.gpu_ids]
+    assert sorted(used) == [(b // per_node, b % per_node) for b in range(pool_bundles)]  # no overlap, none idle
+    assert all(len(e.gpu_ids) == tp and max(e.gpu_ids) < per_node for e in engines)
+    assert all((e.node, e.base_gpu_id) == divmod(e.bundle, per_node) for e in engines)
+    ports = [(e.node, e.port) for e in engines]
+    assert len(set(ports)) == len(ports)
+
+
+def test_colocated_genrm_tp2_and_rollout_tp4_on_three_nodes_never_share_a_gpu():
+    layout = _layout(
+        "cluster.device=cuda",
+        "cluster.num_nodes=3",
+        "cluster.devices_per_node=8",
+        "genrm.backend=sglang",
+        "genrm.tp=2",
+        "rollout.tp=4",
+        "rollout.sglang_port=30000",
+        "rollout.n=6",  # 32 prompts x 6 rollouts split over dp=24
+    )
+    rollout, genrm = layout.engines["rollout"], layout.engines["genrm"]
+    _check_engines(rollout, 8, 4, 24)
+    _check_engines(genrm, 8, 2, 24)
+    assert [(e.node, e.gpu_ids, e.port) for e in rollout[:3]] == [
+        (0, (0, 1, 2, 3), 30000),
+        (0, (4, 5, 6, 7), 30004),
+    ] + [(1, (0, 1, 2, 3), 30000)]
+    assert [(e.node, e.gpu_ids, e.port) for e in genrm[3:5]] == [(0, (6, 7), 31006), (1, (0, 1), 31000)]
+    assert {e.port for e in genrm}.isdisjoint(e.port for e in rollout)  # both servers of a GPU can listen at once
+    # one GenRM worker per replica, on the replica's first bundle; the rollout engines' hosts are actor ranks
+    assert [p.bundle for p in layout.placements["genrm"]] == list(range(0, 24, 2))
+    assert layout.num_workers("genrm") == 12 and [e.bundle for e in rollout] == list(range(0, 24, 4))
+
+
+def test_separate_genrm_tp2_pool_over_two_nodes():
+    layout = _layout(
+        "cluster.device=cuda",
+        "cluster.num_nodes=1",
+        "cluster.devices_per_node=4",
+        "cluster.genrm_devices=8",
+        "genrm.backend=sglang",
+        "genrm.placement=separate",
+        "genrm.tp=2",
+    )
+    genrm = layout.engines["genrm"]
+    _check_engines(genrm, 4, 2, 8)
+    assert [(p.pool, p.bundle) for p in layout.placements["genrm"]] == [("genrm", b) for b in (0, 2, 4, 6)]
+    _check_engines(layout.engines["rollout"], 4, 1, 4)
+
+
+def test_an_engine_that_would_straddle_nodes_is_refused_naming_the_key():
+    # tp=8 divides the 8 devices of two 4-GPU nodes, but a replica would span both
+    with pytest.raises(
+        ConfigError, match=r"genrm.tp=8 does not divide the 4 devices of a node \(cluster.devices_per_node"
+    ):
+        _layout(
+            "cluster.device=cuda",
+            "cluster.num_nodes=2",
+            "cluster.devices_per_node=4",
+            "genrm.backend=sglang",
+            "genrm.tp=8",
+        )
+
+
+def test_rank_environments_widen_visible_devices_to_the_pools_gpus_on_the_node():
+    # GenRM replicas of tp=2 on bundles 0 and 2 of a 4-GPU node: each sees the node's pool GPUs, so its
+    # EnginePlacement.gpu_ids (0, 1) and (2, 3) are valid indices
+    pool = [("10.0.0.1", gpu) for gpu in range(4)]
+    envs = rank_environments([("10.0.0.1", [0]), ("10.0.0.1", [2])], 29500, "cuda", pool)
+    assert [(e["CUDA_VISIBLE_DEVICES"], e["LOCAL_RANK"]) for e in envs] == [("0,1,2,3", "0"), ("0,1,2,3", "2")]

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 from fapo_megatron.cluster.bundles import PoolTimeoutError, create_pool
-from fapo_megatron.cluster.dist_env import init_distributed_from_env
 from fapo_megatron.cluster.placement import PoolSpec
 from fapo_megatron.cluster.pools import ray_session
 from fapo_megatron.cluster.workers import WorkerError, WorkerGroup
 from fapo_megatron.config import load_config
+from fapo_megatron.dist_env import init_distributed_from_env
 
 # Workers import this module by value: tests/ is not importable from Ray's worker processes.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -25,7 +25,7 @@ class Summer:
 
     def __init__(self, scale: float):
         self.scale = scale
-        self.dist_env = init_distributed_from_env(timeout_s=60)
+        self.dist_env = init_distributed_from_env()
 
     def all_reduce(self, value: float) -> float:
         tensor = torch.tensor([value * self.scale * (dist.get_rank() + 1)])

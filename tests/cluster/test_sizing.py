@@ -7,8 +7,9 @@ import pytest
 
 from fapo_megatron.cli import main
 from fapo_megatron.cluster.preflight import check_plan
-from fapo_megatron.cluster.sizing import SHAPES, ModelShape, estimate, estimate_for_config, resolve_shape
+from fapo_megatron.cluster.sizing import SHAPES, estimate, estimate_for_config, resolve_shape
 from fapo_megatron.config import ConfigError, load_config
+from fapo_megatron.models.spec import model_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -23,9 +24,9 @@ def test_parameter_counts_match_the_model_cards():
     # Qwen2.5-32B safetensors: 32.76B.
     seven, four, big = SHAPES["qwen2.5-math-7b"], SHAPES["qwen3-4b"], SHAPES["qwen2.5-32b"]
     assert seven.num_params / 1e9 == pytest.approx(7.61, abs=0.01)
-    assert seven.layers * seven.layer_params / 1e9 == pytest.approx(6.53, abs=0.01)
+    assert seven.num_layers * seven.layer_params / 1e9 == pytest.approx(6.53, abs=0.01)
     assert four.num_params / 1e9 == pytest.approx(4.02, abs=0.01)
-    assert four.layers * four.layer_params / 1e9 == pytest.approx(3.6, abs=0.05)
+    assert four.num_layers * four.layer_params / 1e9 == pytest.approx(3.6, abs=0.05)
     assert big.num_params / 1e9 == pytest.approx(32.76, abs=0.01)
 
 
@@ -49,7 +50,18 @@ def test_shape_from_hf_config_json_wins_over_the_builtin(tmp_path):
 
 
 def test_lines_match_a_hand_computation():
-    shape = ModelShape(name="toy", hidden=1024, layers=4, heads=8, kv_heads=8, ffn=4096, vocab=32000)
+    shape = model_spec(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 1024,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "intermediate_size": 4096,
+            "vocab_size": 32000,
+        },
+        "toy",
+    )
     n = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096 + 2 * 1024) + 2 * 32000 * 1024 + 1024
     assert shape.num_params == n
     cfg = load_config(

@@ -70,15 +70,22 @@ def spawn(fn, world_size: int, *args, attempts: int = 3) -> None:
                 raise
 
 
-def build_megatron_gpt(hf_config, spec, tp: int = 1, pp: int = 1):
-    """The actor's fp32 GPTModel (local spec) for this rank of a tp x pp layout, on the CPU platform."""
+def mapping_spec(hf_config, tp: int = 1, layer_renames=()):
+    """The name map of an HF config (PretrainedConfig) for a model built at tensor parallel `tp`."""
+    from fapo_megatron.models.hf_mapping import MappingSpec
+    from fapo_megatron.models.spec import model_spec
+
+    return MappingSpec.for_tp(model_spec(hf_config.to_dict()), tp, layer_renames)
+
+
+def build_megatron_gpt(spec, tp: int = 1, pp: int = 1):
+    """The actor's fp32 GPTModel (local spec) of `spec.model` for this rank of a tp x pp layout, on the CPU
+    platform."""
     from fapo_megatron.megatron import model as mcore
     from fapo_megatron.megatron import platform
     from fapo_megatron.models import registry
 
     platform.setup("cpu")
     layout = mcore.init_model_parallel(tp, pp, seed=0)
-    model_spec = registry.model_spec(hf_config.to_dict())
-    assert model_spec.padded_vocab_size(tp) == spec.padded_vocab_size
-    config = registry.transformer_config(model_spec, tp=tp, pp=pp, use_cpu_initialization=True)
-    return mcore.build_gpt_model(model_spec, config, layout, backend="local").eval()
+    config = registry.transformer_config(spec.model, tp=tp, pp=pp, use_cpu_initialization=True)
+    return mcore.build_gpt_model(spec.model, config, layout, backend="local").eval()

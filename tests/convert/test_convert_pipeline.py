@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_testlib import build_megatron_gpt, spawn, tiny_hf_model
+from convert_testlib import build_megatron_gpt, mapping_spec, spawn, tiny_hf_model
 
 from fapo_megatron.convert import hf_io, pipeline
 from fapo_megatron.models import hf_mapping as hm
-from fapo_megatron.models.registry import UnsupportedModelError
+from fapo_megatron.models.spec import UnsupportedModelError
 
 # (family, tied) -> (tp, pp): every family tied and untied, every layout twice. The layout changes the vocab
 # padding (tp) and what is validated (pp); test_checkpoint_loads_under_target_layout loads TP2 and PP2 for real.
@@ -54,8 +54,8 @@ def _target_layout_worker(rank, world_size, family, tied, tp, pp, tmp):
     from megatron.core import dist_checkpointing
 
     hf = tiny_hf_model(family, tied)
-    spec = hm.MappingSpec.from_hf_config(hf.config, tp=tp)
-    model = build_megatron_gpt(hf.config, spec, tp=tp, pp=pp)
+    spec = mapping_spec(hf.config, tp=tp)
+    model = build_megatron_gpt(spec, tp=tp, pp=pp)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(tmp) / "mcore"))
     model.load_state_dict(state, strict=False)
     stage, tp_rank = (rank, 0) if pp > 1 else (0, rank)
@@ -84,9 +84,12 @@ def _corrupt_worker(rank, world_size, tmp):
     def corrupted(mapping, hf_tensors, spec):
         full = original(mapping, hf_tensors, spec)
         if mapping.layer == 2 and mapping.megatron_name.endswith("linear_qkv.weight"):
-            per_group = (spec.num_attention_heads // spec.num_query_groups + 2) * spec.head_dim
-            grouped = full.view(spec.num_query_groups, per_group, -1).clone()
-            q_rows, k_rows = slice(0, spec.head_dim), slice(per_group - 2 * spec.head_dim, per_group - spec.head_dim)
+            per_group = (spec.model.num_attention_heads // spec.model.num_query_groups + 2) * spec.model.head_dim
+            grouped = full.view(spec.model.num_query_groups, per_group, -1).clone()
+            q_rows, k_rows = (
+                slice(0, spec.model.head_dim),
+                slice(per_group - 2 * spec.model.head_dim, per_group - spec.model.head_dim),
+            )
             grouped[:, q_rows], grouped[:, k_rows] = grouped[:, k_rows].clone(), grouped[:, q_rows].clone()
             full = grouped.view_as(full)
         return full

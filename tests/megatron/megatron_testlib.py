@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fapo_megatron.algo.batch import TrainBatch
-from fapo_megatron.models.registry import tiny_hf_config
+from fapo_megatron.models.spec import tiny_hf_config
 
 
 def tiny_hf_model(family: str, seed: int, **overrides):

@@ -7,7 +7,7 @@ import torch
 
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.models import registry
-from fapo_megatron.models.registry import UnsupportedModelError, model_spec, tiny_hf_config
+from fapo_megatron.models.spec import UnsupportedModelError, model_spec, tiny_hf_config
 
 QWEN25_15B = {
     "architectures": ["Qwen2ForCausalLM"],
