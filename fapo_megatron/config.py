@@ -135,6 +135,11 @@ class RolloutConfig:
     """Use an already running SGLang server instead of launching one."""
     request_timeout_s: float = 600.0
     """Per-request timeout when talking to an engine server."""
+    deterministic_inference: bool = False
+    """Launch the SGLang rollout servers with --enable-deterministic-inference, so the per-rollout seeds (from
+    trainer.seed) are honoured and rollouts repeat; it costs throughput (batch-invariant kernels, the pytorch sampler,
+    a restricted attention backend, tree all-reduce at TP > 1). Without it SGLang ignores seeds: the engine warns
+    once and leaves them out. An attached server (sglang_url) keeps its own flags; the embedded engine always seeds."""
 
     def __post_init__(self):
         if self.n < 2:

@@ -238,9 +238,10 @@ class SGLangEngine(Engine):
     buckets of `bucket_mb`; each sync is bracketed by pause/flush and continue and bumps `weight_version`.
     `frozen` marks an engine nobody pushes weights to (a GenRM, a reference model): it releases only what the
     server can rebuild (KV cache, CUDA graphs) unless the server keeps a CPU backup of its weights.
-    `router_url`: generate through an sglang-router in front of this server and its peers; the router takes no
-    per-row sampling-param lists (HTTP 422), so seeded rows go as one request each, and it has no weight, memory or
-    pause endpoints, so those go to the server at `url` itself.
+    `router_url`: generate through an sglang-router in front of the attached server at `url` and its peers; the
+    router takes no per-row sampling-param lists (HTTP 422), so seeded rows go as one request each, and it has no
+    weight, memory or pause endpoints, so those go to the server at `url` itself. Nothing behind a router is
+    restarted by the engine: an unreachable router is an error naming its URL.
     """
 
     def __init__(
@@ -271,6 +272,11 @@ class SGLangEngine(Engine):
             raise ValueError("transport='distributed' needs distributed_master=(address, port)")
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if router_url and server is not None:
+            raise ValueError(
+                f"router_url={router_url} needs an attached server (url=...): the router's workers are registered "
+                f"with it, and a server this engine launched or relaunched would not be"
+            )
         self.server_args = server
         self.url = server.url if server else url.rstrip("/")
         self.tokenizer = tokenizer
@@ -404,16 +410,23 @@ class SGLangEngine(Engine):
         return [self._to_generation(out, index, prompt_ids[index]) for out, (index, _) in zip(outputs, rows)]
 
     def _generate_routed(self, rows, params: SamplingParams, payload: dict) -> list[dict]:
-        """Through the router: one batched request with one sampling dict, or one request per seeded row."""
-        if params.seed is None:
-            return self.router.generate(payload)
-        key = next(iter(set(payload) - {"sampling_params", "return_logprob"}))
-        singles = [
-            {key: row, "sampling_params": sampling, "return_logprob": True}
-            for row, sampling in zip(payload[key], payload["sampling_params"])
-        ]
-        with ThreadPoolExecutor(max_workers=min(16, len(singles))) as pool:
-            return list(pool.map(self.router.generate, singles))
+        """Through the router: one batched request with one sampling dict, or one request per seeded row. A router
+        that does not answer is not ours to restart (nor are the servers behind it): a clear error, no recovery."""
+        try:
+            if params.seed is None:
+                return self.router.generate(payload)
+            key = next(iter(set(payload) - {"sampling_params", "return_logprob"}))
+            singles = [
+                {key: row, "sampling_params": sampling, "return_logprob": True}
+                for row, sampling in zip(payload[key], payload["sampling_params"])
+            ]
+            with ThreadPoolExecutor(max_workers=min(16, len(singles))) as pool:
+                return list(pool.map(self.router.generate, singles))
+        except ServerUnreachable as error:
+            raise EngineError(
+                f"sglang-router at {self.router.base_url} is unreachable; an engine generating through a router "
+                f"relaunches neither it nor its workers (this engine's worker: {self.url}): {error}"
+            ) from error
 
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         """Seeds only reach a server with deterministic inference (SGLang ignores `sampling_seed` otherwise): without

@@ -61,7 +61,7 @@ def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int, 
             base_gpu_id=engine.base_gpu_id,
             random_seed=cfg.trainer.seed + rank,
             dtype=cfg.model.dtype,
-            enable_deterministic_inference=True,  # the trainer seeds every rollout from trainer.seed
+            enable_deterministic_inference=rollout.deterministic_inference,
         )
         return SGLangEngine(server=server, **common)
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -259,6 +259,26 @@ def test_restart_after_server_dies(engine, checkpoints):
         attached.generate([[3, 4]], SamplingParams(max_new_tokens=2))
 
 
+def test_routed_engine_is_never_restarted(checkpoints):
+    """Behind a router the engine owns nothing it could relaunch: launching is refused, and a router that does not
+    answer is an error naming it, while the worker (alive) sees no generate and no restart happens."""
+    dead_router = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ValueError, match="router_url=.* needs an attached server"):
+        SGLangEngine(server=SGLangServerArgs(model_path=checkpoints[0], port=free_port()), router_url=dead_router)
+    worker = launch(checkpoints[0])
+    routed = SGLangEngine(url=worker.url, router_url=dead_router, tokenizer=char_tokenizer(), retries=0)
+    try:
+        routed.start()
+        for seed in (None, 4):  # one batched request, or one request per seeded row
+            with pytest.raises(EngineError, match=f"sglang-router at {dead_router} is unreachable.*{worker.url}"):
+                routed.generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=seed))
+        assert not [c for c in calls(worker.url) if c["path"] == "/generate"] and routed.num_restarts == 0
+        assert worker.healthy()
+    finally:
+        routed.shutdown()
+        worker.shutdown()
+
+
 def test_missing_sglang_is_a_clear_error(checkpoints):
     try:
         import sglang  # noqa: F401
@@ -427,7 +447,8 @@ def test_unknown_sampling_key_rejected_as_the_version_does(checkpoints, monkeypa
         eng.shutdown()
 
 
-def test_launch_commands_carry_the_flags_each_role_needs(tmp_path):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_launch_commands_carry_the_flags_each_role_needs(tmp_path, deterministic):
     from fapo_megatron.config import Config, from_dict
     from fapo_megatron.roles.genrm import build_genrm_engine
     from fapo_megatron.roles.policy import build_rollout_engine
@@ -436,15 +457,15 @@ def test_launch_commands_carry_the_flags_each_role_needs(tmp_path):
         Config,
         {
             "model": {"path": str(tmp_path)},
-            "rollout": {"backend": "sglang"},
+            "rollout": {"backend": "sglang", "deterministic_inference": deterministic},
             "genrm": {"backend": "sglang", "model_path": str(tmp_path)},
         },
     )
     rollout = build_rollout_engine(cfg, {}, char_tokenizer(), rank=0)
     command = rollout.server_args.command()
-    assert "--enable-deterministic-inference" in command and "--enable-weights-cpu-backup" not in command
-    assert not rollout.frozen
-    genrm = build_genrm_engine(cfg, rank=0)
+    assert ("--enable-deterministic-inference" in command) is deterministic
+    assert "--enable-weights-cpu-backup" not in command and not rollout.frozen
+    genrm = build_genrm_engine(cfg, rank=0)  # the judge sends no seeds: it never pays for deterministic kernels
     command = genrm.server_args.command()
     assert "--enable-weights-cpu-backup" in command and "--enable-deterministic-inference" not in command
     assert genrm.frozen
