@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
@@ -242,6 +243,8 @@ class SGLangEngine(Engine):
     router takes no per-row sampling-param lists (HTTP 422), so seeded rows go as one request each, and it has no
     weight, memory or pause endpoints, so those go to the server at `url` itself. Nothing behind a router is
     restarted by the engine: an unreachable router is an error naming its URL.
+    `rank_devices`: the device of each server TP rank (a colocated server with tp > 1 reads its own rank's payload,
+    which must live on that rank's GPU); default: every payload from the device the bucket is on.
     """
 
     def __init__(
@@ -263,6 +266,7 @@ class SGLangEngine(Engine):
         frozen: bool = False,
         drain_timeout_s: float = 600.0,
         router_url: str | None = None,
+        rank_devices: list[torch.device] | None = None,
     ):
         if (server is None) == (url is None):
             raise ValueError("SGLangEngine needs exactly one of server (launch) or url (attach)")
@@ -289,6 +293,7 @@ class SGLangEngine(Engine):
         self.router = SGLangClient(router_url, timeout_s=request_timeout_s, retries=retries) if router_url else None
         self._process = SGLangServerProcess(server, startup_timeout_s=startup_timeout_s) if server else None
         self._transport_kind = transport
+        self._rank_devices = rank_devices
         self._distributed = (distributed_master, distributed_backend, distributed_device)
         self.transport = self._make_transport()
         self.frozen = frozen
@@ -308,7 +313,7 @@ class SGLangEngine(Engine):
 
     def _make_transport(self):
         if self._transport_kind == "tensor":
-            return TensorTransport(self.client, tp_size=self.tp_size)
+            return TensorTransport(self.client, tp_size=self.tp_size, rank_devices=self._rank_devices)
         (address, port), backend, device = self._distributed
         return DistributedTransport(
             self.client,

@@ -63,7 +63,8 @@ def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int, 
             dtype=cfg.model.dtype,
             enable_deterministic_inference=rollout.deterministic_inference,
         )
-        return SGLangEngine(server=server, **common)
+        rank_devices = [torch.device("cuda", gpu) for gpu in engine.gpu_ids] if _device(cfg) == "cuda" else None
+        return SGLangEngine(server=server, rank_devices=rank_devices, **common)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fapo_megatron.engines.embedded import EmbeddedEngine

@@ -447,6 +447,12 @@ def test_unknown_sampling_key_rejected_as_the_version_does(checkpoints, monkeypa
         eng.shutdown()
 
 
+def _placement(gpu_ids=(0,), port=30000):
+    from fapo_megatron.cluster.placement import EnginePlacement
+
+    return EnginePlacement(replica=0, bundle=0, node=0, base_gpu_id=gpu_ids[0], gpu_ids=tuple(gpu_ids), port=port)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_launch_commands_carry_the_flags_each_role_needs(tmp_path, deterministic):
     from fapo_megatron.config import Config, from_dict
@@ -461,11 +467,37 @@ def test_launch_commands_carry_the_flags_each_role_needs(tmp_path, deterministic
             "genrm": {"backend": "sglang", "model_path": str(tmp_path)},
         },
     )
-    rollout = build_rollout_engine(cfg, {}, char_tokenizer(), rank=0)
+    rollout = build_rollout_engine(cfg, {}, char_tokenizer(), rank=0, engine=_placement())
     command = rollout.server_args.command()
     assert ("--enable-deterministic-inference" in command) is deterministic
     assert "--enable-weights-cpu-backup" not in command and not rollout.frozen
-    genrm = build_genrm_engine(cfg, rank=0)  # the judge sends no seeds: it never pays for deterministic kernels
+    genrm = build_genrm_engine(cfg, _placement(port=31000))  # the judge sends no seeds: no deterministic kernels
     command = genrm.server_args.command()
     assert "--enable-weights-cpu-backup" in command and "--enable-deterministic-inference" not in command
     assert genrm.frozen
+
+
+def test_a_colocated_tp2_server_gets_each_ranks_payload_from_that_ranks_gpu(tmp_path):
+    """SGLang's TP rank r reads serialized_named_tensors[r] on its own GPU: placement's GPUs become the payload
+    devices, in rank order (on CPU runs every payload stays where the bucket is)."""
+    from fapo_megatron.config import Config, from_dict
+    from fapo_megatron.roles.policy import build_rollout_engine
+
+    def build(device):
+        cfg = from_dict(
+            Config,
+            {
+                "model": {"path": str(tmp_path)},
+                "rollout": {"backend": "sglang", "tp": 2},
+                "cluster": {"device": device, "devices_per_node": 4},
+            },
+        )
+        return build_rollout_engine(cfg, {}, char_tokenizer(), rank=2, engine=_placement(gpu_ids=(2, 3)))
+
+    cuda = build("cuda")
+    assert cuda.transport.rank_devices == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    assert (
+        "--base-gpu-id" in (command := cuda.server_args.command())
+        and command[command.index("--base-gpu-id") + 1] == "2"
+    )
+    assert build("cpu").transport.rank_devices is None
