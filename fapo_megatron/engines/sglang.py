@@ -28,7 +28,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, EngineError, Generation, SamplingParams, WeightBucket
 from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
@@ -461,26 +461,36 @@ class SGLangEngine(Engine):
                     f"(SGLang would ignore it); {buckets_sent} bucket(s) of this push were sent before it"
                 )
 
-    def release_memory(self) -> None:
-        """Flush, then free weights, KV cache and CUDA graphs (the server must run with enable_memory_saver)."""
-        if not self._started or self._released_tags:
-            return
-        self.client.flush_cache()
-        self.client.release_memory_occupation(tags=None)
-        self._released_tags = memory_tags(self.server_version)
-
-    def resume_memory(self, tags: list[str] | None = None) -> None:
-        """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
-        if not self._started or not self._released_tags:
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Flush, then free the parts `tags` names (None: weights, KV cache and CUDA graphs); the server must run
+        with enable_memory_saver. Parts this server version does not split out (cuda_graph before 0.5.5) are left
+        to the tags it has."""
+        if not self._started:
             return
         known = memory_tags(self.server_version)
-        unknown = set(tags or ()) - known
+        wanted = (known if tags is None else self._known_tags(tags) & known) - self._released_tags
+        if not wanted:
+            return
+        self.client.flush_cache()
+        self.client.release_memory_occupation(tags=None if wanted == known else sorted(wanted))
+        self._released_tags |= wanted
+
+    def _known_tags(self, tags: Sequence[str]) -> set[str]:
+        unknown = set(tags) - set(MEMORY_TAGS)
         if unknown:
-            raise ValueError(
-                f"SGLang {self.server_version} knows no memory tags {sorted(unknown)}; known: {sorted(known)}"
-            )
-        partial = self._released_tags != known
-        wanted = set(tags) if tags is not None else set(self._released_tags)
-        # None asks the server for everything it released; after a partial resume, name what is left.
-        self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)
+            raise ValueError(f"unknown engine memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
+        return set(tags)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"]);
+        parts not released, or that this version does not split out, are not asked for (0.5.3 crashes on a tag it
+        does not know)."""
+        if not self._started:
+            return
+        wanted = set(self._released_tags) if tags is None else self._known_tags(tags) & self._released_tags
+        if not wanted:
+            return
+        # None asks the server for everything; name the parts when only some are released or wanted.
+        everything = wanted == memory_tags(self.server_version)
+        self.client.resume_memory_occupation(tags=None if everything else sorted(wanted))
         self._released_tags -= wanted
