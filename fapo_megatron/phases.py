@@ -46,3 +46,8 @@ RESIDENCY: dict[str, Residency] = {
 }
 """Phase -> what is on the device. The rollout engine starts in the rollout phase, GenRM engines in the genrm phase
 (the rollout engine released), the actor off the device for both, so each sizes its KV pool on a free device."""
+
+
+def actor_holds(phase: str, offload_actor: bool) -> tuple[str, ...]:
+    """The actor's kinds on the device in `phase`: the table's with parallel.offload_actor, else all of them."""
+    return RESIDENCY[phase].actor if offload_actor else RESIDENCY["update"].actor

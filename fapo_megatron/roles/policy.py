@@ -23,7 +23,7 @@ from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
 from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, Generation, SamplingParams
 from fapo_megatron.megatron import platform
-from fapo_megatron.phases import RESIDENCY
+from fapo_megatron.phases import RESIDENCY, actor_holds
 
 
 def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int) -> Engine:
@@ -214,9 +214,8 @@ class PolicyWorker:
     def _enter(self, phase: str) -> None:
         """Move to `phase`'s residency: the actor's surplus kinds and the engine's surplus parts leave first (the
         offload empties the allocator cache), then the engine and the actor take back what the phase needs."""
-        held = RESIDENCY[phase]
-        actor = held.actor if self.cfg.parallel.offload_actor else tuple(self.actor.resident_kinds)
-        engine = [tag for tag in MEMORY_TAGS if tag in held.rollout]
+        actor = actor_holds(phase, self.cfg.parallel.offload_actor)
+        engine = [tag for tag in MEMORY_TAGS if tag in RESIDENCY[phase].rollout]
         resident = self.actor.resident_kinds
         self.actor.offload(tuple(k for k in resident if k not in actor))
         if self.engine is not None:
