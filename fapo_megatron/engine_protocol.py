@@ -49,6 +49,9 @@ class Generation:
     """The prompt as the engine tokenized it."""
 
 
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+"""The parts of an engine's device memory that release_memory / resume_memory name (SGLang's GPU_MEMORY_TYPE_*)."""
+
 WeightBucket = list[tuple[str, torch.Tensor]]
 """(HF parameter name, full tensor) pairs pushed to an engine in one call."""
 
@@ -88,12 +91,14 @@ class Engine(abc.ABC):
         """Replace parameters by HF name, bucket by bucket; the engine serves the new weights afterwards."""
 
     @abc.abstractmethod
-    def release_memory(self) -> None:
-        """Give back device memory (KV cache, and weights where the backend can) while others use the devices."""
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Give back device memory while others use the devices: the parts `tags` (of MEMORY_TAGS) name, None for
+        what the engine can give back. Released weights may lose their values: push weights before generating."""
 
     @abc.abstractmethod
-    def resume_memory(self) -> None:
-        """Take the memory back; after this the engine generates again with the weights it had."""
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the parts `tags` name (None: everything released), in stages if wanted: weights before a push,
+        KV cache and graphs after it; the engine generates again once nothing is released."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -83,6 +83,7 @@ class Trainer:
             self.policy = PolicyGroup(
                 session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),), engine_role="rollout")
             )
+            self.policy.enter_genrm()  # GenRM engines start on devices the rollout engines and actors left
             self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):
@@ -134,7 +135,7 @@ class Trainer:
                 generations = self.policy.generate(prompts, self.sampling(validation=False))
             else:
                 generations, correct, early = self._generate_and_submit(items, prompts, stream)
-            self.policy.wake_actor()
+            self.policy.enter_genrm()
         pad_id = self.data.tokenizer.pad_token_id
         if stream is None:
             correct = self.checker.check(

@@ -17,6 +17,10 @@ tokens, exactly as the trainer counted them). The actor reads prompt + response 
 the metric `perf/prompt_tokens` when a run logs it, else from a replay of the run's prompt sampler
 (bench/replay.py), else a given mean per sequence, else they are left out (MFU is then a lower bound).
 Actor MFU uses bench/flops.py with the mean sequence length of the step.
+
+Memory. The trainer's ledger (`memory/<phase>/actor_bytes`: what the actor held on the device in each phase, the
+largest rank; on CUDA also `memory/<phase>/device_peak_bytes`) is shown beside what `slurm size` predicts the
+actor holds there for the run's config (cluster/sizing.predicted_actor_ledger, from the same phase table).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fapo_megatron.bench.flops import forward_flops_per_token, mfu, train_flops_per_token
-from fapo_megatron.cluster.sizing import resolve_shape
+from fapo_megatron.cluster.sizing import LEDGER_PHASES, predicted_actor_ledger, resolve_shape
 from fapo_megatron.config import Config, ConfigError, load_config
 from fapo_megatron.metrics import read_metrics
 from fapo_megatron.models.spec import ModelSpec, model_spec, tiny_hf_config
@@ -59,6 +63,36 @@ class StepBreakdown:
 
 
 @dataclass
+class LedgerRow:
+    phase: str
+    actor_bytes: float | None
+    """The most the actor held in this phase over the steps (None: the run logged no ledger)."""
+    predicted_bytes: float
+    """`slurm size`'s actor bytes for this phase (cluster/sizing.predicted_actor_ledger)."""
+    device_peak_bytes: float | None = None
+    """The CUDA allocator's peak during the phase, the most over the steps (None on CPU)."""
+
+
+def memory_ledger(records: list[dict], cfg: Config, shape: ModelSpec) -> list[LedgerRow]:
+    """The ledger of `records` beside sizing's prediction for `cfg`, one row per ledger phase."""
+    predicted = predicted_actor_ledger(cfg, shape)
+
+    def most(key: str) -> float | None:
+        values = [float(r[key]) for r in records if r.get(key) is not None]
+        return max(values) if values else None
+
+    return [
+        LedgerRow(
+            phase=phase,
+            actor_bytes=most(f"memory/{phase}/actor_bytes"),
+            predicted_bytes=predicted[phase],
+            device_peak_bytes=most(f"memory/{phase}/device_peak_bytes"),
+        )
+        for phase in LEDGER_PHASES
+    ]
+
+
+@dataclass
 class RunBreakdown:
     run_dir: str
     model: str
@@ -79,6 +113,8 @@ class RunBreakdown:
     mfu: dict[str, float | None] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)
     """Numbers the cost model takes (its CostAssumptions field names), measured on this run."""
+    memory: list[LedgerRow] = field(default_factory=list)
+    """Per ledger phase: the actor's bytes on the device as logged, beside sizing's prediction."""
 
     @property
     def mean_wall_seconds(self) -> float:
@@ -236,6 +272,7 @@ def breakdown_run(
         skip_first=skip_first,
         prompt_tokens_source=source,
         steps=steps,
+        memory=memory_ledger(records[skip_first:], cfg, shape),
     )
     return summarize(run, shape, cfg)
 
@@ -292,7 +329,26 @@ def format_table(run: RunBreakdown) -> str:
         )
     else:
         rows.append("actor MFU: n/a (cpu run; pass --peak-tflops to rate it against a peak)")
+    rows.extend(format_memory(run.memory))
     return "\n".join(rows)
+
+
+def format_memory(memory: list[LedgerRow]) -> list[str]:
+    """The ledger rows of the table: measured actor bytes, `slurm size`'s, their ratio, the CUDA peak."""
+    rows = [f"{'memory':<12} {'actor (ledger)':>15} {'slurm size':>15} {'ratio':>7} {'device peak':>15}"]
+    for row in memory:
+        ratio = row.actor_bytes / row.predicted_bytes if row.actor_bytes is not None and row.predicted_bytes else None
+        rows.append(
+            f"{row.phase:<12} {_size(row.actor_bytes):>15} {_size(row.predicted_bytes):>15} "
+            f"{'-' if ratio is None else f'{ratio:.3f}':>7} {_size(row.device_peak_bytes):>15}"
+        )
+    return rows
+
+
+def _size(num_bytes: float | None) -> str:
+    if num_bytes is None:
+        return "n/a"
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.3f} MB"
 
 
 def _pct(value: float | None) -> str:

@@ -37,8 +37,9 @@ class PolicyGroup:
         rank yields first (`PolicyWorker.generate_stream` over `WorkerGroup.stream`)."""
         return self.group.stream("generate_stream", prompts, params)
 
-    def wake_actor(self) -> None:
-        self.group.call("wake_actor")
+    def enter_genrm(self) -> None:
+        """The rollout engines give their device memory back for the GenRM phase; the actors stay off it."""
+        self.group.call("enter_genrm")
 
     def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(old log-probs, entropy) per token of `batch`."""
@@ -66,18 +67,20 @@ class PolicyGroup:
 
 
 class GenRMGroup:
-    """The GenRM replicas as one Judge: a step's requests split over them in order, engines awake only meanwhile."""
+    """The GenRM replicas as one Judge: a step's requests split over them in order, engines awake only in the
+    genrm phase (roles/genrm.GenRMWorker.enter reads phases.RESIDENCY); it is built, and its engines start, in the
+    genrm phase, and leaves it for the log-prob pass that follows the judge in a step."""
 
     def __init__(self, group: WorkerGroup):
         self.group = group
-        self.group.call("release_engine")
+        self.group.call("enter", "logprobs")
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         num = self.group.num_workers
         shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
-        self.group.call("resume_engine")
+        self.group.call("enter", "genrm")
         try:
             answers = self.group.call_each("judge", [(shard,) for shard in shards])
         finally:
-            self.group.call("release_engine")
+            self.group.call("enter", "logprobs")
         return [verdict for shard in answers for verdict in shard]

@@ -1,10 +1,11 @@
 """Per-GPU memory estimate of a run's parallel plan, phase by phase, before a job is submitted.
 
-A colocated step time-shares each GPU (docs/ARCHITECTURE.md): the rollout engine is awake, then the GenRM
-engine, then the Megatron actor trains; whoever is asleep has released its GPU memory (SGLang
-`release_memory_occupation`, Megatron offloads parameters and optimizer state to host). So the plan fits when
-the largest phase fits. Terms: GB = 1e9 bytes; N = parameter count; t, p, d = tensor-, pipeline- and
-data-parallel sizes; T = tokens of one micro-batch (micro_batch_size x (max prompt + max response tokens)).
+A colocated step time-shares each GPU (docs/ARCHITECTURE.md): what each role holds in each phase is
+phases.RESIDENCY (the rollout engine awake, then the GenRM engine, then the Megatron actor trains, then the
+weight push; whoever is asleep has released its GPU memory: SGLang `release_memory_occupation`, Megatron offloads
+to host). So the plan fits when the largest phase fits. Terms: GB = 1e9 bytes; N = parameter count; t, p, d =
+tensor-, pipeline- and data-parallel sizes; T = tokens of one micro-batch (micro_batch_size x (max prompt + max
+response tokens)).
 
 Actor training, first pipeline stage (the one with the most activations in flight under 1F1B):
   params   N_stage/t x 2 bytes (bf16; 4 for fp32)
@@ -17,7 +18,7 @@ Actor training, first pipeline stage (the one with the most activations in fligh
     full recompute (megatron's uniform method, chunks of recompute_num_layers = k layers) keeps each chunk's
     input (h, /t with sequence parallel) plus one chunk's working set
   logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
-Weight sync: the actor's bf16 parameters and the engine's weights are both resident, plus two buckets.
+Weight sync: the actor's parameters and the engine's weights are both resident, plus two buckets.
 Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
   2 x layers x kv_heads/tp x head_dim x 2 bytes per token (KV heads are replicated when tp > kv_heads).
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from fapo_megatron.config import Config, ConfigError
 from fapo_megatron.models.registry import recompute_settings
 from fapo_megatron.models.spec import ModelSpec, UnsupportedModelError, model_spec
+from fapo_megatron.phases import RESIDENCY, actor_holds
 
 GB = 1e9
 BF16 = 2
@@ -137,13 +139,19 @@ def estimate(cfg: Config, policy: ModelSpec, genrm: ModelSpec | None) -> SizingR
     phases = [_train_phase(cfg, policy)]
     problems: list[str] = []
     seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
-    phases.append(_engine_phase("rollout", policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems))
+    kinds = actor_kind_bytes(cfg, policy)
+    rollout = _engine_phase("rollout", policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems)
+    _add_actor(rollout, kinds, "rollout", cfg, label="actor ")  # nothing with parallel.offload_actor
+    phases.append(rollout)
     phases.append(_weight_sync_phase(cfg, policy))
     if genrm is not None:
         # The judge reads the problem and the whole solution, then writes up to max_new_tokens.
         genrm_seq = seq + cfg.genrm.max_new_tokens
         name = "genrm" if cfg.genrm.placement == "colocated" else "genrm (own pool)"
-        phases.append(_engine_phase(name, genrm, cfg.genrm.tp, cfg.genrm.mem_fraction, genrm_seq, cfg, problems))
+        phase = _engine_phase(name, genrm, cfg.genrm.tp, cfg.genrm.mem_fraction, genrm_seq, cfg, problems)
+        if cfg.genrm.placement == "colocated":
+            _add_actor(phase, kinds, "genrm", cfg, label="actor ")
+        phases.append(phase)
     for phase in phases:
         phase.add("runtime overhead", cfg.sizing.runtime_overhead_gb * GB, "sizing.runtime_overhead_gb")
         if phase.total_gb * GB > gpu:
@@ -154,19 +162,45 @@ def estimate(cfg: Config, policy: ModelSpec, genrm: ModelSpec | None) -> SizingR
     return SizingReport(phases=phases, gpu_memory_gb=cfg.sizing.gpu_memory_gb, problems=problems)
 
 
-def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
+def actor_kind_bytes(cfg: Config, shape: ModelSpec) -> dict[str, tuple[float, str]]:
+    """Bytes (and how they were computed) of each of the actor's kinds on one rank of the first pipeline stage."""
     par, t, p, d = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp, cfg.dp
-    phase = Phase("actor train")
     stage_params = math.ceil(shape.num_layers / p) * shape.layer_params + shape.embedding_params
     if p == 1:
         stage_params += shape.hidden_size + (0 if shape.tie_embeddings else shape.embedding_params)  # final norm, head
     per_rank = stage_params / t
     param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
-    phase.add("params", per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B")
-    phase.add("grads", per_rank * FP32, "fp32 main grads")
     opt_bytes = 8 if cfg.model.dtype == "float32" else 12
     shards = d if par.use_distributed_optimizer else 1
-    phase.add("optimizer", per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards")
+    return {
+        "params": (per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B"),
+        "grads": (per_rank * FP32, "fp32 main grads"),
+        "optimizer": (per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards"),
+    }
+
+
+def predicted_actor_ledger(cfg: Config, shape: ModelSpec) -> dict[str, float]:
+    """What the memory ledger (`memory/<phase>/actor_bytes`) should read on the largest rank, phase by phase: the
+    kinds phases.RESIDENCY puts on the device, priced as above."""
+    kinds = actor_kind_bytes(cfg, shape)
+    offload = cfg.parallel.offload_actor
+    return {phase: sum(kinds[k][0] for k in actor_holds(phase, offload)) for phase in LEDGER_PHASES}
+
+
+LEDGER_PHASES = ("rollout", "genrm", "logprobs", "update", "weight_sync")
+"""The phases the trainer's ledger reports."""
+
+
+def _add_actor(phase: Phase, kinds: dict[str, tuple[float, str]], table_phase: str, cfg: Config, label="") -> None:
+    for kind in actor_holds(table_phase, cfg.parallel.offload_actor):
+        num_bytes, note = kinds[kind]
+        phase.add(f"{label}{kind}", num_bytes, note)
+
+
+def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
+    par, t, p = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp
+    phase = Phase("actor train")
+    _add_actor(phase, actor_kind_bytes(cfg, shape), "update", cfg)
     tokens = par.micro_batch_size * (cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
     sp_div = t if par.sequence_parallel else 1
     replicated = 4 * shape.hidden_size / sp_div
@@ -187,11 +221,12 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
 
 
 def _weight_sync_phase(cfg: Config, shape: ModelSpec) -> Phase:
-    """Actor parameters and the engine's weights are both resident while buckets move between them."""
+    """What phases.RESIDENCY holds during the push: the actor's parameters (gradients and optimizer state
+    offloaded) and the engine's weights (its KV cache and graphs still released), plus the buckets in flight."""
     phase = Phase("weight sync")
-    actor = (shape.num_params / (cfg.parallel.tp * cfg.parallel.pp)) * BF16
-    phase.add("actor params", actor, f"bf16 / (t x p)={cfg.parallel.tp * cfg.parallel.pp}")
-    phase.add("engine weights", shape.num_params / cfg.rollout.tp * BF16, f"bf16 / rollout tp={cfg.rollout.tp}")
+    _add_actor(phase, actor_kind_bytes(cfg, shape), "weight_sync", cfg, label="actor ")
+    if "weights" in RESIDENCY["weight_sync"].rollout:
+        phase.add("engine weights", shape.num_params / cfg.rollout.tp * BF16, f"bf16 / rollout tp={cfg.rollout.tp}")
     phase.add("bucket", 2 * cfg.rollout.weight_sync_bucket_mb * 2**20, "gathered HF-layout bucket + its copy")
     return phase
 

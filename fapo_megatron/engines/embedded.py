@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, EngineError, Generation, SamplingParams, WeightBucket
 
 
 class EmbeddedEngine(Engine):
@@ -47,7 +47,8 @@ class EmbeddedEngine(Engine):
         """Bumped by every update_weights call."""
         self._model = model
         self._tokenizer = tokenizer
-        self._released = False
+        self._released: set[str] = set()
+        """Memory parts given back (MEMORY_TAGS); the engine serves only when none is."""
         self._started = False
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -90,7 +91,7 @@ class EmbeddedEngine(Engine):
         if not self._started or self._model is None:
             raise EngineError("EmbeddedEngine is not started (call start())")
         if self._released:
-            raise EngineError("EmbeddedEngine memory is released (call resume_memory() first)")
+            raise EngineError(f"EmbeddedEngine memory is released ({sorted(self._released)}); call resume_memory()")
 
     # ----------------------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
@@ -264,21 +265,25 @@ class EmbeddedEngine(Engine):
             torch.cuda.synchronize(self.device)
         self.weight_version += 1
 
-    def release_memory(self) -> None:
-        """Move weights to (pinned, on CUDA) host memory and empty the device cache; KV caches live per call."""
-        if not self._started or self._released:
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Give back the parts `tags` names (None: all). Weights are this engine's only device memory between calls
+        (KV caches live per call, there are no graphs): releasing them moves them to (pinned, on CUDA) host memory,
+        keeping their values; released KV cache or graphs only mean it serves nothing until they are resumed."""
+        wanted = _tags(tags) - self._released
+        if not self._started or not wanted:
             return
-        if self.device.type != "cpu":
+        if "weights" in wanted and self.device.type != "cpu":
             self._move_tensors(torch.device("cpu"), pin=self.device.type == "cuda")
             torch.cuda.empty_cache()
-        self._released = True
+        self._released |= wanted
 
-    def resume_memory(self) -> None:
-        if not self._started or not self._released:
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        wanted = (self._released if tags is None else _tags(tags)) & self._released
+        if not self._started or not wanted:
             return
-        if self.device.type != "cpu":
+        if "weights" in wanted and self.device.type != "cpu":
             self._move_tensors(self.device, pin=False)
-        self._released = False
+        self._released -= wanted
 
     def _move_tensors(self, device: torch.device, *, pin: bool) -> None:
         for module in self._model.modules():
@@ -290,6 +295,15 @@ class EmbeddedEngine(Engine):
                     module._buffers[key] = _to_device(buf, device, pin)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _tags(tags: Sequence[str] | None) -> set[str]:
+    if tags is None:
+        return set(MEMORY_TAGS)
+    unknown = set(tags) - set(MEMORY_TAGS)
+    if unknown:
+        raise ValueError(f"unknown engine memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
+    return set(tags)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from fapo_megatron.engine_protocol import Engine, EngineError, Generation, SamplingParams, WeightBucket
+from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, EngineError, Generation, SamplingParams, WeightBucket
 from fapo_megatron.engines.sglang_client import ServerUnreachable, SGLangClient
 from fapo_megatron.engines.sglang_transport import DistributedTransport, TensorTransport
 from fapo_megatron.engines.weight_sync import MB, bucket_named_tensors
@@ -599,44 +599,49 @@ class SGLangEngine(Engine):
                     f"(SGLang would ignore it); {buckets_sent} bucket(s) of this push were sent before it"
                 )
 
-    def release_memory(self, tags: list[str] | None = None) -> None:
-        """Flush, then free `tags` (default: everything the server can get back; the server must run with
-        enable_memory_saver). Released weights come back as uninitialised memory unless the server keeps a CPU
-        backup: a frozen engine then keeps its weights, and any other must be pushed weights before it generates."""
-        if not self._started or self._released_tags:
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Flush, then free the parts `tags` names (None: everything the server can get back; the server must run
+        with enable_memory_saver). Parts this version does not split out (cuda_graph before 0.5.5) are left to the
+        tags it has. Released weights come back as uninitialised memory unless the server keeps a CPU backup: a
+        frozen engine then keeps its weights, and any other must be pushed weights before it generates."""
+        if not self._started:
             return
         known = memory_tags(self.server_version)
         keeps_weights = self.frozen and not self.weights_cpu_backup
-        wanted = set(tags) if tags is not None else known - ({"weights"} if keeps_weights else set())
-        if wanted - known:
-            raise ValueError(
-                f"SGLang {self.server_version} knows no memory tags {sorted(wanted - known)}; known: {sorted(known)}"
-            )
-        if "weights" in wanted and keeps_weights:
-            raise EngineError(
-                f"releasing the weights of frozen engine {self.url} would lose them: nobody pushes them back and the "
-                f"server runs without --enable-weights-cpu-backup; release kv_cache/cuda_graph only"
-            )
+        if tags is None:
+            wanted = known - ({"weights"} if keeps_weights else set())
+        else:
+            wanted = self._known_tags(tags) & known
+            if "weights" in wanted and keeps_weights:
+                raise EngineError(
+                    f"releasing the weights of frozen engine {self.url} would lose them: nobody pushes them back and "
+                    f"the server runs without --enable-weights-cpu-backup; release kv_cache/cuda_graph only"
+                )
+        wanted -= self._released_tags
+        if not wanted:
+            return
         self.client.flush_cache()
         self.client.release_memory_occupation(tags=None if wanted == known else sorted(wanted))
-        self._released_tags = wanted
+        self._released_tags |= wanted
         if "weights" in wanted and not self.weights_cpu_backup:
             self._weights_lost = True
 
-    def resume_memory(self, tags: list[str] | None = None) -> None:
-        """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"])."""
-        if not self._started or not self._released_tags:
-            return
-        known = memory_tags(self.server_version)
-        unknown = set(tags or ()) - known
+    def _known_tags(self, tags: Sequence[str]) -> set[str]:
+        unknown = set(tags) - set(MEMORY_TAGS)
         if unknown:
-            raise ValueError(
-                f"SGLang {self.server_version} knows no memory tags {sorted(unknown)}; known: {sorted(known)}"
-            )
-        wanted = set(tags) if tags is not None else set(self._released_tags)
-        if wanted - self._released_tags:  # resuming what was never released crashes 0.5.3's scheduler
-            raise ValueError(f"memory {sorted(wanted - self._released_tags)} of {self.url} is not released")
-        partial = self._released_tags != known
-        # None asks the server for everything it released; after a partial resume, name what is left.
-        self.client.resume_memory_occupation(tags=sorted(wanted) if tags is not None or partial else None)
+            raise ValueError(f"unknown engine memory tags {sorted(unknown)}; known: {list(MEMORY_TAGS)}")
+        return set(tags)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take memory back: all of it, or in stages as slime does (["weights"], push, ["kv_cache", "cuda_graph"]);
+        parts not released, or that this version does not split out, are not asked for (0.5.3 crashes on a tag it
+        does not know or never released)."""
+        if not self._started:
+            return
+        wanted = set(self._released_tags) if tags is None else self._known_tags(tags) & self._released_tags
+        if not wanted:
+            return
+        # None asks the server for everything; name the parts when only some are released or wanted.
+        everything = wanted == memory_tags(self.server_version)
+        self.client.resume_memory_occupation(tags=None if everything else sorted(wanted))
         self._released_tags -= wanted

@@ -12,6 +12,7 @@ from fapo_megatron.cluster.placement import EnginePlacement
 from fapo_megatron.config import Config, from_dict
 from fapo_megatron.genrm.build import build_judge
 from fapo_megatron.genrm.types import JudgeRequest, Verdict
+from fapo_megatron.phases import RESIDENCY
 
 
 def build_genrm_engine(cfg: Config, engine: EnginePlacement):
@@ -45,20 +46,28 @@ def build_genrm_engine(cfg: Config, engine: EnginePlacement):
 
 
 class GenRMWorker:
+    """Built in the genrm phase (the trainer has the colocated rollout engines and actors off the device first), so
+    the engine sizes its KV pool on a free device; then it follows phases.RESIDENCY through `enter`."""
+
     def __init__(self, cfg_dict: dict, engine: EnginePlacement):
         self.cfg = from_dict(Config, cfg_dict)
         self.engine = build_genrm_engine(self.cfg, engine)
         self.engine.start()
         self.judge_client = build_judge(self.cfg.genrm, self.engine)
+        self.phase = "genrm"
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         return self.judge_client.judge(requests)
 
-    def release_engine(self) -> None:
-        self.engine.release_memory()
-
-    def resume_engine(self) -> None:
-        self.engine.resume_memory()
+    def enter(self, phase: str) -> None:
+        """Hold what the table gives a GenRM engine in `phase`: everything in the genrm phase, else released (what
+        the engine's release_memory gives back)."""
+        awake, wanted = bool(RESIDENCY[self.phase].genrm), bool(RESIDENCY[phase].genrm)
+        if awake and not wanted:
+            self.engine.release_memory()
+        elif wanted and not awake:
+            self.engine.resume_memory()
+        self.phase = phase
 
     def close(self) -> None:
         self.engine.shutdown()

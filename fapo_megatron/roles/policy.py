@@ -3,11 +3,9 @@
 The trainer drives a group of these (one per device, through cluster.WorkerGroup). Every rank takes part in
 the actor's collectives; the ranks that host an engine (every `rollout.tp`-th rank) also generate, each for its
 share of the prompts, and take the actor's weights after every update. Engines and the actor time-share the
-device; with parallel.offload_actor, ACTOR_RESIDENCY says what of the actor is on the device in each phase and
-every method below enters its phase through it (frees first, then brings back), so no second ordering exists:
-after the update the gradients are dropped and the optimizer state offloaded before the engine takes its weights
-back, the actor's parameters leave once they are pushed, the GenRM phase runs with the actor fully off the device,
-and the log-prob pass brings back parameters only. Each phase's resident bytes form the memory ledger.
+device: every method below enters its phase through phases.RESIDENCY (the actor's kinds when
+parallel.offload_actor, the engine's memory parts always), freeing first, then bringing back, so no second ordering
+exists. Each phase's resident bytes form the memory ledger.
 """
 
 from __future__ import annotations
@@ -24,19 +22,9 @@ from fapo_megatron.cluster.placement import EnginePlacement
 from fapo_megatron.config import Config, from_dict
 from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
-from fapo_megatron.engine_protocol import Engine, Generation, SamplingParams
+from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, Generation, SamplingParams
 from fapo_megatron.megatron import platform
-
-ACTOR_RESIDENCY: dict[str, tuple[str, ...]] = {
-    "rollout": (),  # the rollout engine holds the device
-    "genrm": (),  # a colocated GenRM engine may take all of it
-    "logprobs": ("params",),  # a forward pass needs no gradients or optimizer state
-    "update": ("params", "grads", "optimizer"),
-    "weight_sync": ("params",),  # gradients dropped and optimizer state offloaded before the engine resumes
-    "checkpoint": ("params", "optimizer"),  # gradients are not saved: never re-materialised beside an engine
-}
-"""What of the actor (params, grads, optimizer) is on the device in each phase when parallel.offload_actor;
-without it everything stays resident."""
+from fapo_megatron.phases import RESIDENCY, actor_holds
 
 
 def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int, engine: EnginePlacement) -> Engine:
@@ -102,14 +90,16 @@ class PolicyWorker:
         torch.manual_seed(self.cfg.trainer.seed)
         self.actor = MegatronActor(self.cfg)
         self._ledger: dict[str, float] = {}
-        self._enter("rollout")  # off the device before the engine sizes its memory
         self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp)
         self.engine: Engine | None = None
+        self._engine_held: set[str] = set()
+        self._enter("rollout")  # the actor leaves the device before the engine sizes its memory
         if self.rank in self.engine_ranks:
             self.engine = build_rollout_engine(
                 self.cfg, self.actor.hf_config, load_tokenizer(self.cfg), rank=self.rank, engine=engine
             )
             self.engine.start()
+            self._engine_held = set(MEMORY_TAGS)
 
     # ------------------------------------------------------------------------------------------ rollout
 
@@ -156,13 +146,11 @@ class PolicyWorker:
     def _shard_params(params: SamplingParams, shard: range) -> SamplingParams:
         return dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
 
-    def wake_actor(self) -> None:
-        """After the rollout: the engine gives its device memory back for the GenRM phase and the actor's passes;
-        the actor itself stays off the device until a pass needs it."""
-        if self.engine is not None:
-            self.engine.release_memory()
+    def enter_genrm(self) -> None:
+        """After the rollout: the engine gives its device memory back for the GenRM phase (the judge runs elsewhere:
+        trainer, GenRM workers), the actor off the device; the ledger records what the actor held meanwhile."""
         with self._phase("genrm"):
-            pass  # the judge runs elsewhere (trainer, GenRM workers); the actor's share of the device is recorded
+            pass
 
     # ------------------------------------------------------------------------------------------ actor
 
@@ -185,11 +173,9 @@ class PolicyWorker:
                 sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
                 yield bucket
 
-        with self._phase("weight_sync"):
+        with self._phase("weight_sync"):  # the engine has its weights back, the actor its parameters only
             held = self.actor.resident_bytes()
             self._ledger["memory/weight_sync/actor_grads_optimizer_bytes"] = float(held["grads"] + held["optimizer"])
-            if self.engine is not None:
-                self.engine.resume_memory()
             buckets = counted(self.actor.export_hf_weights(self.cfg.rollout.weight_sync_bucket_mb << 20))
             if self.engine is None:
                 for _ in buckets:  # every rank takes part in the gathers
@@ -200,22 +186,26 @@ class PolicyWorker:
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
 
     def save(self, directory: str, step: int, extra_state: dict) -> str:
-        before = self.actor.resident_kinds
+        """Checkpoint in the table's checkpoint phase (no gradients; the engine keeps only its weights), then back
+        to the phase the worker was in."""
+        before = self.phase
         self._enter("checkpoint")
         try:
             return str(self.actor.save(directory, step, extra_state))
         finally:
-            self._match(tuple(before))
+            self._enter(before)
 
     def load(self, directory: str) -> dict:
-        self.actor.onload()  # the checkpoint is read into every state tensor
+        """Before the first weight push (the engine released): the checkpoint is read into every state tensor, and
+        the push's phase offloads what it does not hold."""
+        self.actor.onload()
         return self.actor.load(directory)
 
     # ------------------------------------------------------------------------------------------ memory
 
     @contextlib.contextmanager
     def _phase(self, phase: str):
-        """Run a phase with the actor's device residency it needs; the ledger gets what the actor held at its end
+        """Run a phase with the residency it needs (phases.RESIDENCY); the ledger gets what the actor held at its end
         (Adam's moments exist once the first update has run) and, on CUDA, the allocator's peak during it."""
         self._enter(phase)
         if not platform.on_cpu():
@@ -226,13 +216,22 @@ class PolicyWorker:
             self._ledger[f"memory/{phase}/device_peak_bytes"] = float(torch.cuda.max_memory_allocated())
 
     def _enter(self, phase: str) -> None:
-        if self.cfg.parallel.offload_actor:
-            self._match(ACTOR_RESIDENCY[phase])
-
-    def _match(self, kinds: tuple[str, ...]) -> None:
+        """Move to `phase`'s residency: the actor's surplus kinds and the engine's surplus parts leave first (the
+        offload empties the allocator cache), then the engine and the actor take back what the phase needs."""
+        actor = actor_holds(phase, self.cfg.parallel.offload_actor)
+        engine = [tag for tag in MEMORY_TAGS if tag in RESIDENCY[phase].rollout]
         resident = self.actor.resident_kinds
-        self.actor.offload(tuple(k for k in resident if k not in kinds))  # free first, then bring back
-        self.actor.onload(tuple(k for k in kinds if k not in resident))
+        self.actor.offload(tuple(k for k in resident if k not in actor))
+        if self.engine is not None:
+            surplus = [tag for tag in MEMORY_TAGS if tag in self._engine_held and tag not in engine]
+            missing = [tag for tag in engine if tag not in self._engine_held]
+            if surplus:
+                self.engine.release_memory(surplus)
+            if missing:
+                self.engine.resume_memory(missing)
+            self._engine_held = set(engine)
+        self.actor.onload(tuple(k for k in actor if k not in resident))
+        self.phase = phase
 
     def memory_ledger(self) -> dict[str, float]:
         """What the actor held on the device per phase since the last call (`memory/<phase>/actor_bytes`; on CUDA

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fapo_megatron.bench.breakdown import COLUMNS, breakdown_run, step_breakdown
+from fapo_megatron.bench.breakdown import COLUMNS, breakdown_run, format_table, step_breakdown
 from fapo_megatron.bench.cost_model import CostAssumptions, assumptions_with
 from fapo_megatron.bench.flops import forward_flops_per_token, matmul_params, mfu, train_flops_per_token
 from fapo_megatron.cli import main
@@ -198,6 +198,41 @@ def test_run_breakdown_shares_tokens_and_mfu(tmp_path):
     assert measured["genrm_output_tokens_mean"] == pytest.approx(10.0)
     assert measured["genrm_tokens_per_s_per_gpu"] == pytest.approx(60 / 1.5 / 2)
     assumptions_with(CostAssumptions(), measured)  # every measured name is a cost-model input
+
+
+def test_ledger_is_printed_beside_slurm_size(tmp_path):
+    """The tiny random llama at TP 1, fp32, no distributed optimizer: 2 layers of 36992 parameters (attention
+    64 x 128 + 64 x 64, SwiGLU 3 x 64 x 128, two norms of 64), tied embedding 128 x 64, final norm 64: 82240
+    parameters, 4 B each, gradients 4 B, Adam's two moments 8 B."""
+    params = 82240 * 4
+    logged = {"rollout": 0.0, "genrm": 0.0, "logprobs": 330000.0, "update": 1320000.0, "weight_sync": 330000.0}
+    records = [
+        dict(r, **{f"memory/{phase}/actor_bytes": value * r["step"] for phase, value in logged.items()})
+        for r in RECORDS
+    ]
+    _write_run(tmp_path, records, [*OVERRIDES, "parallel.use_distributed_optimizer=false"])
+    run = breakdown_run(tmp_path, skip_first=0, replay=False)
+    rows = {row.phase: row for row in run.memory}
+    assert list(rows) == ["rollout", "genrm", "logprobs", "update", "weight_sync"]
+    assert {p: r.predicted_bytes for p, r in rows.items()} == {
+        "rollout": 0,
+        "genrm": 0,
+        "logprobs": params,
+        "update": 4 * params,
+        "weight_sync": params,
+    }
+    assert {p: r.actor_bytes for p, r in rows.items()} == {p: 2 * v for p, v in logged.items()}  # the larger step
+    assert all(r.device_peak_bytes is None for r in run.memory)  # a CPU run logs no allocator peak
+    table = format_table(run).splitlines()
+    assert table[-6].split() == ["memory", "actor", "(ledger)", "slurm", "size", "ratio", "device", "peak"]
+    assert table[-3].split() == ["logprobs", "0.660", "MB", "0.329", "MB", f"{660000 / params:.3f}", "n/a"]
+    assert table[-5].split() == ["rollout", "0.000", "MB", "0.000", "MB", "-", "n/a"]
+    assert run.to_json()["memory"][3] == {
+        "phase": "update",
+        "actor_bytes": 2640000.0,
+        "predicted_bytes": 4 * params,
+        "device_peak_bytes": None,
+    }
 
 
 def test_cpu_run_reports_no_mfu_and_skip_first(tmp_path):

@@ -160,6 +160,26 @@ def test_release_resume_keeps_generation(engine):
     assert [g.token_ids for g in engine.generate(PROMPTS, params)] == [g.token_ids for g in before]
 
 
+def test_staged_release_resume_serves_only_once_every_part_is_back(engine):
+    """The colocated weight push's stages: weights back first (a push lands), KV cache and graphs after."""
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=4)
+    before = engine.generate(PROMPTS, params)
+    engine.release_memory(["kv_cache", "cuda_graph"])
+    with pytest.raises(EngineError, match=r"\['cuda_graph', 'kv_cache'\]"):
+        engine.generate(PROMPTS, params)
+    engine.release_memory()  # the rest: the weights
+    engine.resume_memory(["weights"])
+    assert not engine.healthy()
+    engine.resume_memory(["kv_cache"])
+    with pytest.raises(EngineError, match=r"\['cuda_graph'\]"):
+        engine.generate(PROMPTS, params)
+    engine.resume_memory(["kv_cache", "cuda_graph"])  # only what is still released comes back
+    assert engine.healthy()
+    assert [g.token_ids for g in engine.generate(PROMPTS, params)] == [g.token_ids for g in before]
+    with pytest.raises(ValueError, match="unknown engine memory tags \\['kv'\\]"):
+        engine.release_memory(["kv"])
+
+
 def test_bad_requests_are_named(tok):
     no_tok = EmbeddedEngine(model=tiny_qwen2(seed=0))
     no_tok.start()

@@ -190,19 +190,34 @@ def test_release_resume_order(engine):
         ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
     ]
     assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
+    # A checkpoint's phase: the weights stay (nothing would restore them), KV cache and graphs are given back.
+    start = len(calls(engine.url))
+    engine.release_memory(tags=["kv_cache", "cuda_graph"])
+    with pytest.raises(EngineError, match="released"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    engine.resume_memory(tags=["weights", "kv_cache", "cuda_graph"])  # only what was released is asked for
+    log = [(c["path"], c.get("tags")) for c in calls(engine.url)[start:] if c["path"] != "/generate"]
+    assert log == [
+        ("/flush_cache", None),
+        ("/release_memory_occupation", ["cuda_graph", "kv_cache"]),
+        ("/resume_memory_occupation", ["cuda_graph", "kv_cache"]),
+    ]
+    assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 3
 
 
 def test_oldest_supported_version_gets_its_tags_and_pause(checkpoints, monkeypatch):
-    """SGLang 0.5.3 knows no cuda_graph tag and reads no pause body; the push still lands (element-offset buckets)."""
+    """SGLang 0.5.3 knows no cuda_graph tag (it is never sent) and reads no pause body; the push still lands
+    (element-offset buckets)."""
     monkeypatch.setenv("SGLANG_STANDIN_VERSION", "0.5.3")
     old = launch(checkpoints[0])
     try:
         assert old.server_version == "0.5.3"
         old.release_memory()
         old.update_weights([list(tiny_qwen2(seed=1).state_dict().items())])
-        with pytest.raises(ValueError, match="cuda_graph"):
-            old.resume_memory(tags=["cuda_graph"])
-        old.resume_memory()
+        old.resume_memory(tags=["cuda_graph"])  # nothing of it released on this version: nothing asked for
+        with pytest.raises(ValueError, match="bogus"):
+            old.resume_memory(tags=["bogus"])
+        old.resume_memory(tags=["kv_cache", "cuda_graph"])
         log = [c for c in calls(old.url) if not c["path"].startswith("/generate")]
         assert [c.get("tags") for c in log if "memory_occupation" in c["path"]] == [None, ["weights"], ["kv_cache"]]
         assert [c["body"] for c in log if c["path"] == "/pause_generation"] == [{}]

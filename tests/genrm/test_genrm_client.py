@@ -214,10 +214,10 @@ class ScriptedEngine(Engine):
     def update_weights(self, buckets):
         pass
 
-    def release_memory(self):
+    def release_memory(self, tags=None):
         pass
 
-    def resume_memory(self):
+    def resume_memory(self, tags=None):
         pass
 
     def shutdown(self):
