@@ -8,8 +8,9 @@ data-parallel sizes; T = tokens of one micro-batch (micro_batch_size x (max prom
 
 Actor training, first pipeline stage (the one with the most activations in flight under 1F1B):
   params   N_stage/t x 2 bytes (bf16; 4 for fp32)
-  grads    N_stage/t x 4 bytes (Megatron keeps an fp32 main-grad buffer)
-  optimizer N_stage/t x 12 bytes (fp32 master + Adam m, v), divided by d with the distributed optimizer
+  grads    N_stage/t x 4 bytes (Megatron's fp32 main-grad buffer; the parameter dtype without grad_reduce_in_fp32)
+  optimizer N_stage/t x 12 bytes (fp32 master + Adam m, v; m, v in their dtypes with the precision-aware
+           optimizer), divided by d with the distributed optimizer, x (1 - optim.cpu_offload_fraction)
   activations per layer per token, bf16 (flash/SDPA attention, no dropout):
     replicated over t unless sequence parallel: 4h (two norm inputs, qkv input, fc1 input)
     split over t: q + k + v + attention output (2 h_q + 2 kv_dim) and SwiGLU 4 ffn (gate, up, silu, fc2 input)
@@ -163,10 +164,9 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
     per_rank = stage_params / t
     param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
     phase.add("params", per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B")
-    phase.add("grads", per_rank * FP32, "fp32 main grads")
-    opt_bytes = 8 if cfg.model.dtype == "float32" else 12
-    shards = d if par.use_distributed_optimizer else 1
-    phase.add("optimizer", per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards")
+    grad_bytes = FP32 if par.grad_reduce_in_fp32 else param_bytes
+    phase.add("grads", per_rank * grad_bytes, f"{grad_bytes} B/param gradient buffer")
+    phase.add("optimizer", *_optimizer_bytes(cfg, per_rank, d))
     tokens = par.micro_batch_size * (cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
     sp_div = t if par.sequence_parallel else 1
     replicated = 4 * shape.hidden_size / sp_div
@@ -184,6 +184,24 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
         phase.add("activations", layer_bytes * shape.num_layers, note)
     phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
     return phase
+
+
+def _optimizer_bytes(cfg: Config, per_rank: float, d: int) -> tuple[float, str]:
+    """Adam's state on one GPU: fp32 master weights (the parameters themselves in fp32) and moments m, v in their
+    dtypes (fp32 unless the precision-aware optimizer says otherwise), sharded over DP with the distributed
+    optimizer, less the share megatron's hybrid optimizer keeps on the host."""
+    optim = cfg.optim
+    master = 0 if cfg.model.dtype == "float32" else FP32
+    moments = sum(_DTYPE_BYTES[dtype] for dtype in (optim.exp_avg_dtype, optim.exp_avg_sq_dtype))
+    shards = d if cfg.parallel.use_distributed_optimizer else 1
+    on_gpu = 1.0 - optim.cpu_offload_fraction
+    note = f"{master + moments} B/param Adam state / {shards} dp shards"
+    if optim.cpu_offload_fraction:
+        note += f" x {on_gpu:g} left on the GPU (optim.cpu_offload_fraction={optim.cpu_offload_fraction:g})"
+    return per_rank * (master + moments) / shards * on_gpu, note
+
+
+_DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
 
 
 def _weight_sync_phase(cfg: Config, shape: ModelSpec) -> Phase:

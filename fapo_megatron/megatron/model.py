@@ -7,6 +7,7 @@ GPTModel's deprecation in favour of HybridModel) is handled in this one file.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from fapo_megatron.config import OptimConfig
+from fapo_megatron.config import OptimConfig, ParallelConfig
 from fapo_megatron.dist_env import PROCESS_GROUP_TIMEOUT_MINUTES
 from fapo_megatron.megatron import platform
 from fapo_megatron.models import registry
@@ -88,19 +89,29 @@ def build_gpt_model(spec: ModelSpec, config, layout: ParallelLayout, backend: st
     return model.to(platform.device())
 
 
-def wrap_ddp(model: GPTModel, config, use_distributed_optimizer: bool) -> DistributedDataParallel:
-    """DDP with summed (not averaged) gradients: the loss already carries the global normaliser."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer,
+def ddp_config(par: ParallelConfig) -> DistributedDataParallelConfig:
+    """Megatron DDP settings from `parallel`: summed (not averaged) gradients, since the loss already carries the
+    global normaliser; overlap, bucket size and gradient dtype as configured."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=par.grad_reduce_in_fp32,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        bucket_size=par.ddp_bucket_size or None,
+        use_distributed_optimizer=par.use_distributed_optimizer,
         average_in_collective=False,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtype: str, distributed: bool):
-    config = OptimizerConfig(
+def wrap_ddp(model: GPTModel, config, par: ParallelConfig) -> DistributedDataParallel:
+    return DistributedDataParallel(config=config, ddp_config=ddp_config(par), module=model)
+
+
+def optimizer_config(optim: OptimConfig, dtype: str, par: ParallelConfig) -> OptimizerConfig:
+    """Megatron's AdamW settings, with the precision-aware optimizer and CPU offload as `optim` asks."""
+    if optim.precision_aware and importlib.util.find_spec("transformer_engine") is None:
+        # megatron-core reads Transformer Engine's version for this optimizer and fails obscurely without it
+        raise RuntimeError("optim.precision_aware=true needs Transformer Engine, which is not installed here")
+    return OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
         min_lr=optim.min_lr,
@@ -112,9 +123,18 @@ def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtyp
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         params_dtype=getattr(torch, dtype),
-        use_distributed_optimizer=distributed,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather,
+        use_precision_aware_optimizer=optim.precision_aware,
+        exp_avg_dtype=getattr(torch, optim.exp_avg_dtype),
+        exp_avg_sq_dtype=getattr(torch, optim.exp_avg_sq_dtype),
+        optimizer_cpu_offload=optim.cpu_offload_fraction > 0,
+        optimizer_offload_fraction=optim.cpu_offload_fraction,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtype: str, par: ParallelConfig):
+    return get_megatron_optimizer(optimizer_config(optim, dtype, par), [ddp_model])
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:

@@ -7,6 +7,7 @@ WORKDIR/out/<name>.pt. Several parallel layouts run one after another in the sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -25,20 +26,21 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def build(family: str, tp: int, pp: int, **extra) -> MegatronActor:
-    overrides = [
-        f"model.path={WORKDIR / ('hf_' + family)}",
-        "model.dtype=float32",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"cluster.devices_per_node={WORLD}",
-        "rollout.n=4",
-        "data.batch_size=2",
-        "algorithm.mini_batch_size=1",
-        "optim.lr=0.001",
-        "optim.warmup_steps=0",
-        "trainer.steps=4",
-    ] + [f"{k}={v}" for k, v in extra.items()]
-    return MegatronActor(load_config(None, overrides))
+    settings = {
+        "model.path": WORKDIR / ("hf_" + family),
+        "model.dtype": "float32",
+        "parallel.tp": tp,
+        "parallel.pp": pp,
+        "cluster.devices_per_node": WORLD,
+        "rollout.n": 4,
+        "data.batch_size": 2,
+        "algorithm.mini_batch_size": 1,
+        "optim.lr": 0.001,
+        "optim.warmup_steps": 0,
+        "trainer.steps": 4,
+    }
+    settings.update(extra)
+    return MegatronActor(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
 
 
 def emit(name: str, value) -> None:
@@ -148,8 +150,6 @@ def restart() -> None:
 def non_finite() -> None:
     """A NaN advantage in each mini-batch, on DP rank 1's rows in the first and rank 0's in the second: stop leaves
     the weights as they were; skip counts both updates and leaves them too; a finite batch then updates as usual."""
-    import dataclasses
-
     good = make_batch()
     advantages = good.advantages.clone()
     advantages[[2, 5]] = float("nan")
@@ -170,7 +170,36 @@ def non_finite() -> None:
         actor.close()
 
 
+def ddp_options() -> None:
+    """One train step (two optimizer steps) at DP2 under each DDP option, from the same weights: the DDP wrapper
+    megatron built (its config, buckets, gradient dtype, forward pre-hooks) and the weights after the step."""
+    batch = make_batch()
+    options = {
+        "plain": {},
+        "overlap_grad": {"parallel.overlap_grad_reduce": "true"},
+        "small_buckets": {"parallel.overlap_grad_reduce": "true", "parallel.ddp_bucket_size": 4096},
+        "overlap_both": {"parallel.overlap_grad_reduce": "true", "parallel.overlap_param_gather": "true"},
+        "bf16_fp32_grads": {"model.dtype": "bfloat16"},
+        "bf16_grads": {"model.dtype": "bfloat16", "parallel.grad_reduce_in_fp32": "false"},
+    }
+    for name, extra in options.items():
+        actor = build("qwen2", 1, 1, **{"algorithm.tis_cap": 2.0, **extra})
+        ddp = actor.ddp
+        built = {
+            "ddp_config": dataclasses.asdict(ddp.ddp_config),
+            "bucket_groups": len(ddp.bucket_groups),
+            "grad_dtypes": sorted({str(buffer.grad_data.dtype) for buffer in ddp.buffers}),
+            "forward_pre_hooks": len(ddp.remove_forward_pre_hook_handles),
+        }
+        before = exported(actor)
+        metrics = actor.train_step(batch)
+        after = exported(actor)
+        moved = max((after[k].float() - before[k].float()).abs().max().item() for k in after)
+        emit(f"ddp_{name}", {**built, "metrics": metrics, "weights": after, "moved": moved})
+        actor.close()
+
+
 if __name__ == "__main__":
     scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
-    scenarios.update(non_finite=non_finite, packing=packing)
+    scenarios.update(non_finite=non_finite, packing=packing, ddp_options=ddp_options)
     scenarios[sys.argv[1]]()

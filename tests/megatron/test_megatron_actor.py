@@ -186,3 +186,77 @@ def test_non_finite_update_stops_or_is_skipped_never_applied(results):
     skip = results("non_finite", 2, "non_finite_skip")
     assert skip["skipped"] == 2.0 and math.isnan(skip["grad_norm"]) and skip["unchanged"]
     assert skip["changed_after_good"]
+
+
+def test_ddp_options_build_what_they_name_and_keep_the_step(results):
+    """At DP2: overlapped reduce and gather, bucket size and bf16 gradients reach megatron's DDP wrapper; the
+    overlapped step is the plain one (a sum of two ranks' gradients in any bucket order), and with the gather
+    overlapped the step still ends with whole, updated parameters."""
+    plain = results("ddp_options", 2, "ddp_plain")
+    config = plain["ddp_config"]
+    assert not config["overlap_grad_reduce"] and not config["overlap_param_gather"] and config["bucket_size"] is None
+    assert config["grad_reduce_in_fp32"] and plain["bucket_groups"] == 1 and plain["forward_pre_hooks"] == 0
+    assert plain["moved"] > 1e-4
+    overlap = results("ddp_options", 2, "ddp_overlap_grad")
+    assert overlap["ddp_config"]["overlap_grad_reduce"] and overlap["ddp_config"]["bucket_size"] == 40_000_000
+    small = results("ddp_options", 2, "ddp_small_buckets")
+    assert small["ddp_config"]["bucket_size"] == 4096 and small["bucket_groups"] > 4
+    both = results("ddp_options", 2, "ddp_overlap_both")
+    assert both["ddp_config"]["overlap_param_gather"] and both["forward_pre_hooks"] > 0
+    for run in (overlap, small, both):
+        for name, tensor in plain["weights"].items():
+            diff = (run["weights"][name] - tensor).abs().max().item()
+            assert diff <= 1e-6, f"{run['ddp_config']}: {name} differs from the plain step by {diff}"
+        assert run["metrics"]["loss"] == pytest.approx(plain["metrics"]["loss"], abs=1e-7)
+    fp32_grads = results("ddp_options", 2, "ddp_bf16_fp32_grads")
+    bf16_grads = results("ddp_options", 2, "ddp_bf16_grads")
+    assert fp32_grads["grad_dtypes"] == ["torch.float32"] and "torch.bfloat16" in bf16_grads["grad_dtypes"]
+    assert not bf16_grads["ddp_config"]["grad_reduce_in_fp32"]
+    assert bf16_grads["moved"] > 1e-4 and math.isfinite(bf16_grads["metrics"]["grad_norm"])
+
+
+def test_optimizer_config_default_is_plain_fp32_adam():
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    plain = load_config(None, [])
+    built = optimizer_config(plain.optim, plain.model.dtype, plain.parallel)
+    assert not built.use_precision_aware_optimizer and not built.optimizer_cpu_offload and built.bf16
+    assert built.exp_avg_dtype == built.exp_avg_sq_dtype == torch.float32
+
+
+def test_optimizer_config_carries_precision_aware_and_cpu_offload():
+    """megatron-core builds a precision-aware OptimizerConfig only with Transformer Engine installed."""
+    pytest.importorskip("transformer_engine.pytorch.optimizers")
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    cfg = load_config(None, ["cluster.device=cuda", "optim.precision_aware=true", "optim.cpu_offload_fraction=0.25"])
+    built = optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)
+    assert built.use_precision_aware_optimizer and built.use_distributed_optimizer
+    assert built.optimizer_cpu_offload and built.optimizer_offload_fraction == 0.25
+
+
+def test_optimizer_config_low_precision_moments_with_transformer_engine():
+    pytest.importorskip("transformer_engine.pytorch.optimizers")
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    overrides = ["cluster.device=cuda", "optim.precision_aware=true", "optim.exp_avg_dtype=bfloat16"]
+    cfg = load_config(None, overrides + ["optim.exp_avg_sq_dtype=float16"])
+    built = optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)
+    assert built.use_precision_aware_optimizer and not built.optimizer_cpu_offload
+    assert (built.exp_avg_dtype, built.exp_avg_sq_dtype) == (torch.bfloat16, torch.float16)
+
+
+def test_precision_aware_without_transformer_engine_is_named():
+    import importlib.util
+
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed")
+    cfg = load_config(None, ["cluster.device=cuda", "optim.precision_aware=true"])
+    with pytest.raises(RuntimeError, match="optim.precision_aware=true needs Transformer Engine"):
+        optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)
