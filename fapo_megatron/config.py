@@ -55,6 +55,9 @@ class ParallelConfig:
     max_tokens_per_micro_batch: int = 0
     """Token budget of a micro-batch: rows packed back to back (first-fit-decreasing, a longer row alone) and spread
     over DP ranks by token count; 0 keeps fixed micro_batch_size rows padded to the longest."""
+    logprob_chunk_tokens: int = 0
+    """Positions whose log-probs and entropy are computed at a time from the logits (backward recomputes the
+    softmax chunk by chunk): float32 working memory of one chunk instead of a whole micro-batch; 0: all at once."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
     overlap_grad_reduce: bool = False
@@ -84,6 +87,7 @@ class ParallelConfig:
         _check_positive("parallel.recompute_num_layers", self.recompute_num_layers)
         _check_range("parallel.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=0)
         _check_range("parallel.ddp_bucket_size", self.ddp_bucket_size, low=0)
+        _check_range("parallel.logprob_chunk_tokens", self.logprob_chunk_tokens, low=0)
         if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
             raise ConfigError(
                 "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true and "

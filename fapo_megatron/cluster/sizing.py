@@ -17,7 +17,8 @@ Actor training, first pipeline stage (the one with the most activations in fligh
     1F1B keeps p micro-batches of L/p layers in flight on stage 0, i.e. L layers' worth;
     full recompute (megatron's uniform method, chunks of recompute_num_layers = k layers) keeps each chunk's
     input (h, /t with sequence parallel) plus one chunk's working set
-  logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
+  logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage); with logprob_chunk_tokens C:
+           T x vocab/t x 2 x param bytes (logits and gradient) + C x vocab/t x 4 bytes x 2 (one chunk's work)
 Weight sync: the actor's bf16 parameters and the engine's weights are both resident, plus two buckets.
 Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
   2 x layers x kv_heads/tp x head_dim x 2 bytes per token (KV heads are replicated when tp > kv_heads).
@@ -182,7 +183,12 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
     else:
         note = f"{par.recompute} recompute: {shape.num_layers} layers, T={tokens}"
         phase.add("activations", layer_bytes * shape.num_layers, note)
-    phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
+    chunk = min(par.logprob_chunk_tokens, tokens)
+    if chunk:
+        logits = tokens * shape.vocab_size / t * param_bytes * 2 + chunk * shape.vocab_size / t * FP32 * 2
+        phase.add("logits", logits, f"logits + grad in model dtype, fp32 work of {chunk}-token chunks, vocab / t")
+    else:
+        phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
     return phase
 
 

@@ -194,7 +194,12 @@ class MegatronActor:
     def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float, entropy_grad: bool = False):
         targets = torch.nn.functional.pad(item["tokens"][:, 1:], (0, 1))
         logprobs, entropy = vocab_parallel_logprobs(
-            logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad
+            logits_BSV,
+            targets,
+            temperature=temperature,
+            vocab_size=self.spec.vocab_size,
+            entropy_grad=entropy_grad,
+            chunk_tokens=self.cfg.parallel.logprob_chunk_tokens,
         )
         return unpack(item, align_to_tokens(logprobs)), unpack(item, align_to_tokens(entropy))
 

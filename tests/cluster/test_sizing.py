@@ -141,3 +141,17 @@ def test_gradient_dtype_moments_and_optimizer_offload_are_priced():
     offload = train_lines("optim.precision_aware=true", "optim.cpu_offload_fraction=0.75")
     assert offload["optimizer"] == pytest.approx(per_rank * 12 / 4 * 0.25)
     assert offload["params"] == plain["params"] and offload["grads"] == plain["grads"]
+
+
+def test_chunked_logprobs_price_one_chunk_of_float32_work():
+    base = ["cluster.device=cuda", "cluster.devices_per_node=8", "parallel.tp=2", "sizing.model_shape=qwen2.5-32b"]
+    base += ["rollout.max_prompt_tokens=1024", "rollout.max_response_tokens=7168"]
+
+    def logits(*overrides):
+        cfg = load_config(None, base + list(overrides))
+        lines = dict((name, gb) for name, gb, _ in estimate(cfg, SHAPES["qwen2.5-32b"], None).phases[0].lines)
+        return lines["logits"]
+
+    vocab = SHAPES["qwen2.5-32b"].vocab_size / 2
+    assert logits() == pytest.approx(8192 * vocab * 4 * 2 / 1e9)
+    assert logits("parallel.logprob_chunk_tokens=1024") == pytest.approx((8192 * 2 * 2 + 1024 * 4 * 2) * vocab / 1e9)

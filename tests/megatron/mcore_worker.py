@@ -170,9 +170,10 @@ def non_finite() -> None:
         actor.close()
 
 
-def ddp_options() -> None:
-    """One train step (two optimizer steps) at DP2 under each DDP option, from the same weights: the DDP wrapper
-    megatron built (its config, buckets, gradient dtype, forward pre-hooks) and the weights after the step."""
+def actor_options() -> None:
+    """One train step (two optimizer steps) at DP2 under each DDP and log-prob option, from the same weights: the
+    DDP wrapper megatron built (its config, buckets, gradient dtype, forward pre-hooks), the weights after the
+    step and the log-probs then."""
     batch = make_batch()
     options = {
         "plain": {},
@@ -181,6 +182,9 @@ def ddp_options() -> None:
         "overlap_both": {"parallel.overlap_grad_reduce": "true", "parallel.overlap_param_gather": "true"},
         "bf16_fp32_grads": {"model.dtype": "bfloat16"},
         "bf16_grads": {"model.dtype": "bfloat16", "parallel.grad_reduce_in_fp32": "false"},
+        "chunked": {"parallel.logprob_chunk_tokens": 5},
+        "entropy": {"algorithm.entropy_coef": 0.05},
+        "entropy_chunked": {"algorithm.entropy_coef": 0.05, "parallel.logprob_chunk_tokens": 5},
     }
     for name, extra in options.items():
         actor = build("qwen2", 1, 1, **{"algorithm.tis_cap": 2.0, **extra})
@@ -195,11 +199,12 @@ def ddp_options() -> None:
         metrics = actor.train_step(batch)
         after = exported(actor)
         moved = max((after[k].float() - before[k].float()).abs().max().item() for k in after)
-        emit(f"ddp_{name}", {**built, "metrics": metrics, "weights": after, "moved": moved})
+        logprobs = actor.compute_logprobs(batch)[0]
+        emit(f"options_{name}", {**built, "metrics": metrics, "weights": after, "moved": moved, "logprobs": logprobs})
         actor.close()
 
 
 if __name__ == "__main__":
     scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
-    scenarios.update(non_finite=non_finite, packing=packing, ddp_options=ddp_options)
+    scenarios.update(non_finite=non_finite, packing=packing, actor_options=actor_options)
     scenarios[sys.argv[1]]()

@@ -192,27 +192,44 @@ def test_ddp_options_build_what_they_name_and_keep_the_step(results):
     """At DP2: overlapped reduce and gather, bucket size and bf16 gradients reach megatron's DDP wrapper; the
     overlapped step is the plain one (a sum of two ranks' gradients in any bucket order), and with the gather
     overlapped the step still ends with whole, updated parameters."""
-    plain = results("ddp_options", 2, "ddp_plain")
+    plain = results("actor_options", 2, "options_plain")
     config = plain["ddp_config"]
     assert not config["overlap_grad_reduce"] and not config["overlap_param_gather"] and config["bucket_size"] is None
     assert config["grad_reduce_in_fp32"] and plain["bucket_groups"] == 1 and plain["forward_pre_hooks"] == 0
     assert plain["moved"] > 1e-4
-    overlap = results("ddp_options", 2, "ddp_overlap_grad")
+    overlap = results("actor_options", 2, "options_overlap_grad")
     assert overlap["ddp_config"]["overlap_grad_reduce"] and overlap["ddp_config"]["bucket_size"] == 40_000_000
-    small = results("ddp_options", 2, "ddp_small_buckets")
+    small = results("actor_options", 2, "options_small_buckets")
     assert small["ddp_config"]["bucket_size"] == 4096 and small["bucket_groups"] > 4
-    both = results("ddp_options", 2, "ddp_overlap_both")
+    both = results("actor_options", 2, "options_overlap_both")
     assert both["ddp_config"]["overlap_param_gather"] and both["forward_pre_hooks"] > 0
     for run in (overlap, small, both):
         for name, tensor in plain["weights"].items():
             diff = (run["weights"][name] - tensor).abs().max().item()
             assert diff <= 1e-6, f"{run['ddp_config']}: {name} differs from the plain step by {diff}"
         assert run["metrics"]["loss"] == pytest.approx(plain["metrics"]["loss"], abs=1e-7)
-    fp32_grads = results("ddp_options", 2, "ddp_bf16_fp32_grads")
-    bf16_grads = results("ddp_options", 2, "ddp_bf16_grads")
+    fp32_grads = results("actor_options", 2, "options_bf16_fp32_grads")
+    bf16_grads = results("actor_options", 2, "options_bf16_grads")
     assert fp32_grads["grad_dtypes"] == ["torch.float32"] and "torch.bfloat16" in bf16_grads["grad_dtypes"]
     assert not bf16_grads["ddp_config"]["grad_reduce_in_fp32"]
     assert bf16_grads["moved"] > 1e-4 and math.isfinite(bf16_grads["metrics"]["grad_norm"])
+
+
+def test_chunked_logprobs_take_the_same_step(results):
+    """Log-probs five positions at a time (16-token rows): the same step and log-probs, also with the entropy bonus
+    (whose gradient the chunked backward computes itself)."""
+    for chunked, whole in (("chunked", "plain"), ("entropy_chunked", "entropy")):
+        got, want = results("actor_options", 2, f"options_{chunked}"), results("actor_options", 2, f"options_{whole}")
+        assert (got["logprobs"] - want["logprobs"]).abs().max() <= 1e-6
+        for name, tensor in want["weights"].items():
+            diff = (got["weights"][name] - tensor).abs().max().item()
+            # Adam's first steps are ~lr * sign(g): float32 round-off in a tiny gradient element moves a weight
+            # by more than the round-off itself (the packed-step test's bound)
+            assert diff <= 1e-5, f"{chunked}: {name} differs from the unchunked step by {diff}"
+        for metric in ("entropy", "loss"):
+            assert got["metrics"][metric] == pytest.approx(want["metrics"][metric], rel=1e-6, abs=1e-8), metric
+    plain, entropy = results("actor_options", 2, "options_plain"), results("actor_options", 2, "options_entropy")
+    assert max((entropy["weights"][n] - t).abs().max().item() for n, t in plain["weights"].items()) > 1e-6
 
 
 def test_optimizer_config_default_is_plain_fp32_adam():
