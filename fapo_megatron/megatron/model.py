@@ -21,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from fapo_megatron.config import OptimConfig, ParallelConfig
 from fapo_megatron.dist_env import PROCESS_GROUP_TIMEOUT_MINUTES
 from fapo_megatron.megatron import platform
-from fapo_megatron.models import registry
+from fapo_megatron.models import hf_mapping, registry
 from fapo_megatron.models.spec import ModelSpec
 
 
@@ -86,7 +86,19 @@ def build_gpt_model(spec: ModelSpec, config, layout: ParallelLayout, backend: st
             post_process=layout.is_last_stage,
             **registry.gpt_model_kwargs(spec, tp=layout.tp),
         )
+    if not config.perform_initialization:
+        _mark_tensor_parallel(model)
     return model.to(platform.device())
+
+
+def _mark_tensor_parallel(model: GPTModel) -> None:
+    """megatron-core sets the TP attributes of its weights only in their initialisers: built without one (weights
+    from a checkpoint), every TP-split weight counted as a replica, so TP ranks > 0 left theirs out of the gradient
+    norm (and the clipping) and resharding code could not tell split from replicated tensors."""
+    for name, param in model.named_parameters():
+        dim = hf_mapping.tp_split_dim(name)
+        if dim is not None and not hasattr(param, "tensor_model_parallel"):
+            tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
 def ddp_config(par: ParallelConfig) -> DistributedDataParallelConfig:

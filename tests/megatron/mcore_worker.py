@@ -53,6 +53,32 @@ def exported(actor: MegatronActor) -> dict[str, torch.Tensor]:
     return {name: t.clone().cpu() for bucket in actor.export_hf_weights(1 << 14) for name, t in bucket}
 
 
+def full_moments(actor: MegatronActor) -> dict[str, torch.Tensor]:
+    """Adam's exp_avg and exp_avg_sq of every model parameter as whole tensors: this rank's distributed-optimizer
+    shard placed in the parameter's range, summed over DP, then the TP slices joined as the HF export joins the
+    weights (models.hf_mapping.tp_gather; PP1 only)."""
+    from megatron.core import parallel_state
+
+    from fapo_megatron.models.hf_mapping import tp_gather
+
+    dp_group = parallel_state.get_data_parallel_group()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    optimizers = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
+    out = {}
+    for name, param in actor.model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros(param.numel())
+            for opt in optimizers:
+                if param in opt.model_param_group_index_map:
+                    span = opt._get_model_param_range_map(param)["param"]
+                    flat[span.start : span.end] = opt._get_main_param_and_optimizer_states(param)[key].float()
+            torch.distributed.all_reduce(flat, group=dp_group)
+            slices = [torch.empty_like(flat) for _ in range(actor.layout.tp)]
+            torch.distributed.all_gather(slices, flat, group=tp_group)
+            out[f"{name}.{key}"] = tp_gather(name, [piece.view(param.shape) for piece in slices])
+    return out
+
+
 def parity() -> None:
     """Log-probs of both families under every layout of 4 ranks; export and offload round trips at TP2 x PP2."""
     batch = make_batch()
@@ -113,12 +139,19 @@ def checkpoint() -> None:
     actor.train_step(batch)
     actor.save(root, 1, {"data_position": 7})
     emit("ckpt_tp2", actor.compute_logprobs(batch)[0])
+    emit("ckpt_tp2_moments", full_moments(actor))
     emit("uninterrupted", actor.train_step(make_batch(1)))
+    emit("uninterrupted_weights", exported(actor))
     actor.close()
     for tp, pp in ((1, 1), (1, 2)):
         actor = build("qwen2", tp, pp)
         extra = actor.load(root)
-        emit(f"ckpt_load_tp{tp}pp{pp}", {"logprobs": actor.compute_logprobs(batch)[0], "extra": extra})
+        result = {"logprobs": actor.compute_logprobs(batch)[0], "extra": extra}
+        if pp == 1:  # saved at TP2 x DP1, loaded at TP1 x DP2: Adam's state resharded, the next step the same
+            result["moments"] = full_moments(actor)
+            result["next"] = actor.train_step(make_batch(1))
+            result["next_weights"] = exported(actor)
+        emit(f"ckpt_load_tp{tp}pp{pp}", result)
         actor.close()
     actor = build("qwen2_wide", 2, 1)
     try:
