@@ -55,8 +55,23 @@ class ParallelConfig:
     max_tokens_per_micro_batch: int = 0
     """Token budget of a micro-batch: rows packed back to back (first-fit-decreasing, a longer row alone) and spread
     over DP ranks by token count; 0 keeps fixed micro_batch_size rows padded to the longest."""
+    logprob_chunk_tokens: int = 0
+    """Positions whose log-probs and entropy are computed at a time from the logits (backward recomputes the
+    softmax chunk by chunk): float32 working memory of one chunk instead of a whole micro-batch; 0: all at once."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
+    overlap_grad_reduce: bool = False
+    """Reduce (-scatter) each gradient bucket over DP ranks as soon as backward has filled it, while the rest of
+    backward runs (megatron DDP); false: one reduction after the last micro-batch."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during the next
+    mini-batch's forward instead of right after each optimizer step (needs overlap_grad_reduce); a train step
+    ends with the parameters gathered."""
+    ddp_bucket_size: int = 0
+    """Parameters per gradient bucket with overlap_grad_reduce; 0: megatron's default, max(40M, 1M x dp)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32; false keeps them in model.dtype (bf16: half the gradient memory
+    and DP traffic)."""
     offload_actor: bool = True
     """Move the actor's parameters and optimizer state to host memory while the colocated engines generate."""
     recompute: Literal["none", "selective", "full"] = "none"
@@ -71,6 +86,18 @@ class ParallelConfig:
         _check_choice("parallel.recompute", self.recompute, ("none", "selective", "full"))
         _check_positive("parallel.recompute_num_layers", self.recompute_num_layers)
         _check_range("parallel.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=0)
+        _check_range("parallel.ddp_bucket_size", self.ddp_bucket_size, low=0)
+        _check_range("parallel.logprob_chunk_tokens", self.logprob_chunk_tokens, low=0)
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError(
+                "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true and "
+                "parallel.overlap_grad_reduce=true (megatron gathers the optimizer's parameter shards per bucket)"
+            )
+        if self.ddp_bucket_size and not self.overlap_grad_reduce:
+            raise ConfigError(
+                f"parallel.ddp_bucket_size={self.ddp_bucket_size} only applies with parallel.overlap_grad_reduce=true "
+                "(otherwise megatron reduces all gradients in one bucket)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -96,6 +123,17 @@ class OptimConfig:
     on_non_finite: Literal["stop", "skip"] = "stop"
     """An update whose loss or gradient holds NaN/inf: stop the run before applying it (the last checkpoint stays
     good), or skip it (counted as actor/skipped_non_finite)."""
+    precision_aware: bool = False
+    """megatron-core's precision-aware optimizer: Adam's moments in exp_avg_dtype / exp_avg_sq_dtype, the update
+    reading the gradient buffer as it is (Transformer Engine's FusedAdam, or the CPU-offload optimizer; CUDA with
+    Transformer Engine, and parallel.use_distributed_optimizer)."""
+    exp_avg_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Adam first moment's dtype (precision_aware only)."""
+    exp_avg_sq_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Adam second moment's dtype (precision_aware only)."""
+    cpu_offload_fraction: float = 0.0
+    """Share of the optimizer state kept, and its Adam update run, in host memory (megatron's
+    HybridDeviceOptimizer; CUDA only, needs precision_aware); 0: all on the device."""
 
     def __post_init__(self):
         _check_range("optim.lr", self.lr, low=0.0, low_open=True)
@@ -105,6 +143,21 @@ class OptimConfig:
         _check_range("optim.adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
         _check_range("optim.adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
         _check_range("optim.clip_grad", self.clip_grad, low=0.0)
+        _check_range("optim.cpu_offload_fraction", self.cpu_offload_fraction, low=0.0, high=1.0)
+        low_moments = [f"optim.{k}={getattr(self, k)}" for k in ("exp_avg_dtype", "exp_avg_sq_dtype")]
+        low_moments = [item for item in low_moments if not item.endswith("=float32")]
+        if low_moments and not self.precision_aware:
+            raise ConfigError(f"{', '.join(low_moments)} needs optim.precision_aware=true (megatron keeps fp32 Adam)")
+        if self.cpu_offload_fraction > 0 and not self.precision_aware:
+            raise ConfigError(
+                f"optim.cpu_offload_fraction={self.cpu_offload_fraction:g} needs optim.precision_aware=true "
+                "(megatron's hybrid CPU/GPU optimizer runs on the precision-aware code path)"
+            )
+        if self.cpu_offload_fraction > 0 and low_moments:
+            raise ConfigError(
+                f"optim.cpu_offload_fraction={self.cpu_offload_fraction:g} keeps fp32 Adam moments: "
+                f"{', '.join(low_moments)} would not apply"
+            )
 
 
 @dataclass(kw_only=True)
@@ -506,6 +559,7 @@ class Config:
             )
         if self.parallel.sequence_parallel and (tp == 1 or self.cluster.device == "cpu"):
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 and cluster.device=cuda")
+        self._check_ddp_and_optimizer()
         if self.data.batch_size % self.algorithm.mini_batch_size != 0:
             raise ConfigError(
                 f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must divide "
@@ -532,6 +586,21 @@ class Config:
                 f"algorithm.overlong.buffer={self.algorithm.overlong.buffer} exceeds "
                 f"rollout.max_response_tokens={self.rollout.max_response_tokens}"
             )
+
+    def _check_ddp_and_optimizer(self) -> None:
+        """The DDP / optimizer combinations megatron-core refuses, or that would change nothing, named by key."""
+        par, optim, on_cpu = self.parallel, self.optim, self.cluster.device == "cpu"
+        if not par.grad_reduce_in_fp32 and self.model.dtype == "float32":
+            raise ConfigError("parallel.grad_reduce_in_fp32=false changes nothing with model.dtype=float32")
+        if optim.precision_aware and not par.use_distributed_optimizer:
+            raise ConfigError("optim.precision_aware=true needs parallel.use_distributed_optimizer=true")
+        if optim.cpu_offload_fraction > 0 and on_cpu:
+            raise ConfigError(
+                f"optim.cpu_offload_fraction={optim.cpu_offload_fraction:g} needs cluster.device=cuda "
+                "(megatron's hybrid optimizer moves state between CUDA streams and the host)"
+            )
+        if optim.precision_aware and on_cpu:
+            raise ConfigError("optim.precision_aware=true needs cluster.device=cuda with Transformer Engine")
 
     @property
     def dp(self) -> int:

@@ -170,3 +170,46 @@ def test_full_disk_is_named_as_such():
     with pytest.raises(OSError, match="No space left on device writing /dev/full") as err:
         torch_save({"w": list(range(10000))}, "/dev/full")  # the kernel's always-full device
     assert err.value.errno == 28
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "parallel.overlap_param_gather=true",
+                "parallel.overlap_grad_reduce=true",
+                "parallel.use_distributed_optimizer=false",
+            ],
+            r"overlap_param_gather=true needs parallel.use_distributed_opt",
+        ),
+        (["parallel.overlap_param_gather=true"], r"overlap_param_gather=true needs .*overlap_grad_reduce=true"),
+        (["parallel.ddp_bucket_size=1000"], r"ddp_bucket_size=1000 only applies with parallel.overlap_grad_reduce"),
+        (["parallel.ddp_bucket_size=-1"], r"parallel.ddp_bucket_size=-1 is out of range"),
+        (["model.dtype=float32", "parallel.grad_reduce_in_fp32=false"], r"grad_reduce_in_fp32=false changes nothing"),
+        (["optim.exp_avg_dtype=bfloat16"], r"optim.exp_avg_dtype=bfloat16 needs optim.precision_aware=true"),
+        (["optim.cpu_offload_fraction=1.5"], r"optim.cpu_offload_fraction=1.5 is out of range"),
+        (["optim.cpu_offload_fraction=0.5"], r"cpu_offload_fraction=0.5 needs optim.precision_aware=true"),
+        (
+            ["optim.precision_aware=true", "parallel.use_distributed_optimizer=false", "cluster.device=cuda"],
+            r"precision_aware=true needs parallel.use_distributed_optimizer=true",
+        ),
+        (["optim.precision_aware=true"], r"precision_aware=true needs cluster.device=cuda with Transformer Engine"),
+        (["optim.precision_aware=true", "optim.cpu_offload_fraction=0.5"], r"0.5 needs cluster.device=cuda"),
+        (
+            ["optim.precision_aware=true", "optim.cpu_offload_fraction=0.5", "optim.exp_avg_sq_dtype=bfloat16"],
+            r"keeps fp32 Adam moments: optim.exp_avg_sq_dtype=bfloat16 would not apply",
+        ),
+    ],
+)
+def test_ddp_and_optimizer_combinations_megatron_refuses_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_ddp_and_optimizer_options_accepted_together():
+    overrides = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true", "cluster.device=cuda"]
+    overrides += ["parallel.ddp_bucket_size=20000000", "parallel.grad_reduce_in_fp32=false"]
+    overrides += ["optim.precision_aware=true", "optim.cpu_offload_fraction=1.0"]
+    cfg = load_config(None, overrides)
+    assert cfg.parallel.ddp_bucket_size == 20_000_000 and cfg.optim.cpu_offload_fraction == 1.0

@@ -9,15 +9,17 @@ response tokens)).
 
 Actor training, first pipeline stage (the one with the most activations in flight under 1F1B):
   params   N_stage/t x 2 bytes (bf16; 4 for fp32)
-  grads    N_stage/t x 4 bytes (Megatron keeps an fp32 main-grad buffer)
-  optimizer N_stage/t x 12 bytes (fp32 master + Adam m, v), divided by d with the distributed optimizer
+  grads    N_stage/t x 4 bytes (Megatron's fp32 main-grad buffer; the parameter dtype without grad_reduce_in_fp32)
+  optimizer N_stage/t x 12 bytes (fp32 master + Adam m, v; m, v in their dtypes with the precision-aware
+           optimizer), divided by d with the distributed optimizer, x (1 - optim.cpu_offload_fraction)
   activations per layer per token, bf16 (flash/SDPA attention, no dropout):
     replicated over t unless sequence parallel: 4h (two norm inputs, qkv input, fc1 input)
     split over t: q + k + v + attention output (2 h_q + 2 kv_dim) and SwiGLU 4 ffn (gate, up, silu, fc2 input)
     1F1B keeps p micro-batches of L/p layers in flight on stage 0, i.e. L layers' worth;
     full recompute (megatron's uniform method, chunks of recompute_num_layers = k layers) keeps each chunk's
     input (h, /t with sequence parallel) plus one chunk's working set
-  logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage)
+  logits   T x vocab/t x 4 bytes x 2 (fp32 logits and their gradient, last stage); with logprob_chunk_tokens C:
+           T x vocab/t x 2 x param bytes (logits and gradient) + C x vocab/t x 4 bytes x 2 (one chunk's work)
 Weight sync: the actor's parameters and the engine's weights are both resident, plus two buckets.
 Engines (SGLang): the static pool is mem_fraction x GPU; weights N/tp x 2 bytes; the rest is KV cache of
   2 x layers x kv_heads/tp x head_dim x 2 bytes per token (KV heads are replicated when tp > kv_heads).
@@ -170,12 +172,11 @@ def actor_kind_bytes(cfg: Config, shape: ModelSpec) -> dict[str, tuple[float, st
         stage_params += shape.hidden_size + (0 if shape.tie_embeddings else shape.embedding_params)  # final norm, head
     per_rank = stage_params / t
     param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
-    opt_bytes = 8 if cfg.model.dtype == "float32" else 12
-    shards = d if par.use_distributed_optimizer else 1
+    grad_bytes = FP32 if par.grad_reduce_in_fp32 else param_bytes
     return {
         "params": (per_rank * param_bytes, f"{stage_params / 1e9:.2f}B stage params / t={t} x {param_bytes} B"),
-        "grads": (per_rank * FP32, "fp32 main grads"),
-        "optimizer": (per_rank * opt_bytes / shards, f"{opt_bytes} B/param Adam state / {shards} dp shards"),
+        "grads": (per_rank * grad_bytes, f"{grad_bytes} B/param gradient buffer"),
+        "optimizer": _optimizer_bytes(cfg, per_rank, d),
     }
 
 
@@ -216,8 +217,32 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
     else:
         note = f"{par.recompute} recompute: {shape.num_layers} layers, T={tokens}"
         phase.add("activations", layer_bytes * shape.num_layers, note)
-    phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
+    chunk = min(par.logprob_chunk_tokens, tokens)
+    if chunk:
+        param_bytes = FP32 if cfg.model.dtype == "float32" else BF16
+        logits = tokens * shape.vocab_size / t * param_bytes * 2 + chunk * shape.vocab_size / t * FP32 * 2
+        phase.add("logits", logits, f"logits + grad in model dtype, fp32 work of {chunk}-token chunks, vocab / t")
+    else:
+        phase.add("logits", tokens * shape.vocab_size / t * FP32 * 2, "fp32 logits + grad, vocab / t")
     return phase
+
+
+def _optimizer_bytes(cfg: Config, per_rank: float, d: int) -> tuple[float, str]:
+    """Adam's state on one GPU: fp32 master weights (the parameters themselves in fp32) and moments m, v in their
+    dtypes (fp32 unless the precision-aware optimizer says otherwise), sharded over DP with the distributed
+    optimizer, less the share megatron's hybrid optimizer keeps on the host."""
+    optim = cfg.optim
+    master = 0 if cfg.model.dtype == "float32" else FP32
+    moments = sum(_DTYPE_BYTES[dtype] for dtype in (optim.exp_avg_dtype, optim.exp_avg_sq_dtype))
+    shards = d if cfg.parallel.use_distributed_optimizer else 1
+    on_gpu = 1.0 - optim.cpu_offload_fraction
+    note = f"{master + moments} B/param Adam state / {shards} dp shards"
+    if optim.cpu_offload_fraction:
+        note += f" x {on_gpu:g} left on the GPU (optim.cpu_offload_fraction={optim.cpu_offload_fraction:g})"
+    return per_rank * (master + moments) / shards * on_gpu, note
+
+
+_DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
 
 
 def _weight_sync_phase(cfg: Config, shape: ModelSpec) -> Phase:

@@ -73,8 +73,8 @@ class MegatronActor:
         self.model = mcore.build_gpt_model(self.spec, self.config, self.layout, self.backend)
         if cfg.model.path:
             self._load_hf_weights(Path(cfg.model.path))
-        self.ddp = mcore.wrap_ddp(self.model, self.config, par.use_distributed_optimizer)
-        self.optimizer = mcore.build_optimizer(self.ddp, cfg.optim, cfg.model.dtype, par.use_distributed_optimizer)
+        self.ddp = mcore.wrap_ddp(self.model, self.config, par)
+        self.optimizer = mcore.build_optimizer(self.ddp, cfg.optim, cfg.model.dtype, par)
         self.mini_batches_per_epoch = cfg.data.batch_size // cfg.algorithm.mini_batch_size
         """Optimizer steps per PPO epoch of one trainer step, also when dropped rollouts leave fewer rows."""
         if total_steps is None:
@@ -194,7 +194,12 @@ class MegatronActor:
     def _token_logprobs(self, item: dict, logits_BSV: torch.Tensor, temperature: float, entropy_grad: bool = False):
         targets = torch.nn.functional.pad(item["tokens"][:, 1:], (0, 1))
         logprobs, entropy = vocab_parallel_logprobs(
-            logits_BSV, targets, temperature=temperature, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad
+            logits_BSV,
+            targets,
+            temperature=temperature,
+            vocab_size=self.spec.vocab_size,
+            entropy_grad=entropy_grad,
+            chunk_tokens=self.cfg.parallel.logprob_chunk_tokens,
         )
         return unpack(item, align_to_tokens(logprobs)), unpack(item, align_to_tokens(entropy))
 
@@ -257,6 +262,10 @@ class MegatronActor:
             for mini in batch.split(self.mini_batches_per_epoch):
                 history.append(self._train_mini_batch(mini))
                 self.optimizer_steps += 1
+        if self.cfg.parallel.overlap_param_gather:
+            # the last update left each rank with its own shard only (the next forward would gather the rest):
+            # export, checkpoints and the log-prob pass need whole parameters
+            self.ddp.start_param_sync(force_sync=True)
         out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         out["lr"] = history[-1]["lr"]
         applied = [h["grad_norm"] for h in history if not h["skipped_non_finite"]]

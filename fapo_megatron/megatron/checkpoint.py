@@ -9,9 +9,10 @@ Layout of a checkpoint root:
                        checksums.json  CRC-32 and size of every file (verified before a load)
 A checkpoint is written into `step_N.tmp` and renamed when every rank has finished, so a crash never leaves a
 half-written checkpoint behind `latest`; loads take the newest complete step folder (checkpoint_files.py), `latest`
-being only a hint. Model weights reshard to any TP/PP on load; optimizer state reshards
-over DP, and also over TP/PP when the non-distributed optimizer wrote it (the distributed optimizer's
-dp-reshardable format is tied to its TP/PP layout: such a load restarts the optimizer moments, and says so).
+being only a hint. Model weights and optimizer state reshard to any TP/PP/DP on load: the distributed
+optimizer writes megatron's `fully_reshardable` format (each parameter's Adam state as a tensor of that
+parameter's shape, gathered over DP on save). Checkpoints written in the older `dp_reshardable` format (meta.json
+without `optimizer_format`) reshard over DP only; loaded at another TP/PP they restart the moments, and say so.
 A checkpoint whose meta.json says `weights_only` (what `fapo-megatron convert hf-to-megatron` writes) holds only the
 model: loading it sets the weights and leaves optimizer, LR schedule, RNG and step as a fresh actor has them.
 """
@@ -41,7 +42,8 @@ from fapo_megatron.megatron.checkpoint_files import (
 
 logger = logging.getLogger(__name__)
 
-_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_FORMAT = "fully_reshardable"
+"""megatron's DistributedOptimizer sharding type this code writes; meta.json records it (absent: dp_reshardable)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -54,13 +56,14 @@ def _layout(actor) -> dict:
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "distributed_optimizer": distributed}
 
 
-def _sharded_state(actor, *, is_loading: bool, with_optimizer: bool) -> dict:
+def _sharded_state(actor, *, is_loading: bool, with_optimizer: bool, optimizer_format: str = OPTIMIZER_FORMAT):
     model_state = actor.model.sharded_state_dict(prefix="")
     state = {"model": model_state}
     if with_optimizer:
         if is_loading:
             _init_optimizer_state(actor.optimizer)
-        state["optimizer"] = actor.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPT_META)
+        metadata = {"distrib_optim_sharding_type": optimizer_format}
+        state["optimizer"] = actor.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     return state
 
 
@@ -92,6 +95,29 @@ def _restore_adam_steps(optimizer) -> None:
                 inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
+def _load_optimizer_state(optimizer, state) -> None:
+    """optimizer.load_state_dict, with the distributed optimizer's model-space parameter state loaded apart.
+
+    With torch's Adam (no apex/TE) megatron-core gives every parameter's state a `step` and then copies the saved
+    state over each of its keys, `step` among them, which the fully-reshardable format does not hold (KeyError).
+    So the rest loads first, then the parameter state with `step` held aside; _restore_adam_steps sets it."""
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(optimizers) == 1:
+        states = [state]
+    else:
+        states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    for opt, opt_state in zip(optimizers, states):
+        if opt_state.get("param_state_sharding_type") != "fully_reshardable":
+            opt.load_state_dict(opt_state)
+            continue
+        opt.load_state_dict({k: v for k, v in opt_state.items() if k != "param_state"})
+        steps = {param: per_param.pop("step", None) for param, per_param in opt.optimizer.state.items()}
+        opt.load_parameter_state_from_fully_reshardable(opt_state["param_state"])
+        for param, step in steps.items():
+            if step is not None:
+                opt.optimizer.state[param]["step"] = step
+
+
 def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Path:
     """Write the actor's state under `root` as step_<step> (the trainer's step); returns the checkpoint folder."""
     root = Path(root)
@@ -109,6 +135,7 @@ def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Pa
             "step": step,
             "optimizer_steps": actor.optimizer_steps,
             "layout": _layout(actor),
+            "optimizer_format": OPTIMIZER_FORMAT,
             "hf_config": actor.hf_config,
             "scheduler": actor.scheduler.state_dict(),
         }
@@ -179,9 +206,10 @@ def _check_compatible(actor, folder: Path) -> None:
         )
 
 
-def _load_model(actor, folder: Path, *, with_optimizer: bool) -> dict:
+def _load_model(actor, folder: Path, *, with_optimizer: bool, optimizer_format: str = OPTIMIZER_FORMAT) -> dict:
     """Load the model (and optionally optimizer) state into the actor; returns the loaded state dict."""
-    state = dist_checkpointing.load(_sharded_state(actor, is_loading=True, with_optimizer=with_optimizer), str(folder))
+    wanted = _sharded_state(actor, is_loading=True, with_optimizer=with_optimizer, optimizer_format=optimizer_format)
+    state = dist_checkpointing.load(wanted, str(folder))
     missing, _ = actor.model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
@@ -215,20 +243,26 @@ def load_checkpoint(actor, path: str | Path) -> dict:
     if meta.get("weights_only"):
         return _load_weights_only(actor, folder, meta)
     same_layout = meta["layout"] == _layout(actor)
-    layout_free = not meta["layout"]["distributed_optimizer"] and not actor.cfg.parallel.use_distributed_optimizer
-    with_optimizer = same_layout or layout_free or _only_dp_changed(meta["layout"], _layout(actor))
+    saved_format = meta.get("optimizer_format", "dp_reshardable")
+    distributed = meta["layout"]["distributed_optimizer"]
+    if distributed != actor.cfg.parallel.use_distributed_optimizer:
+        with_optimizer = False  # the two optimizers' state dicts have different structures
+    else:
+        reshardable = not distributed or saved_format == OPTIMIZER_FORMAT
+        with_optimizer = same_layout or reshardable or _only_dp_changed(meta["layout"], _layout(actor))
     if not with_optimizer:
         logger.warning(
-            "%s: saved with %s, loading with %s: distributed-optimizer state does not reshard over TP/PP; "
+            "%s: saved with %s (%s), loading with %s: that optimizer state does not reshard to this layout; "
             "optimizer moments restart from zero",
             folder,
             meta["layout"],
+            saved_format,
             _layout(actor),
         )
-    state = _load_model(actor, folder, with_optimizer=with_optimizer)
+    state = _load_model(actor, folder, with_optimizer=with_optimizer, optimizer_format=saved_format)
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         if with_optimizer:
-            actor.optimizer.load_state_dict(state["optimizer"])
+            _load_optimizer_state(actor.optimizer, state["optimizer"])
             _restore_adam_steps(actor.optimizer)
         else:
             actor.optimizer.reload_model_params()

@@ -7,6 +7,7 @@ GPTModel's deprecation in favour of HybridModel) is handled in this one file.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 
@@ -17,10 +18,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from fapo_megatron.config import OptimConfig
+from fapo_megatron.config import OptimConfig, ParallelConfig
 from fapo_megatron.dist_env import PROCESS_GROUP_TIMEOUT_MINUTES
 from fapo_megatron.megatron import platform
-from fapo_megatron.models import registry
+from fapo_megatron.models import hf_mapping, registry
 from fapo_megatron.models.spec import ModelSpec
 
 
@@ -85,22 +86,44 @@ def build_gpt_model(spec: ModelSpec, config, layout: ParallelLayout, backend: st
             post_process=layout.is_last_stage,
             **registry.gpt_model_kwargs(spec, tp=layout.tp),
         )
+    if not config.perform_initialization:
+        _mark_tensor_parallel(model)
     return model.to(platform.device())
 
 
-def wrap_ddp(model: GPTModel, config, use_distributed_optimizer: bool) -> DistributedDataParallel:
-    """DDP with summed (not averaged) gradients: the loss already carries the global normaliser."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer,
+def _mark_tensor_parallel(model: GPTModel) -> None:
+    """megatron-core sets the TP attributes of its weights only in their initialisers: built without one (weights
+    from a checkpoint), every TP-split weight counted as a replica, so TP ranks > 0 left theirs out of the gradient
+    norm (and the clipping) and resharding code could not tell split from replicated tensors."""
+    for name, param in model.named_parameters():
+        dim = hf_mapping.tp_split_dim(name)
+        if dim is not None and not hasattr(param, "tensor_model_parallel"):
+            tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def ddp_config(par: ParallelConfig) -> DistributedDataParallelConfig:
+    """Megatron DDP settings from `parallel`: summed (not averaged) gradients, since the loss already carries the
+    global normaliser; overlap, bucket size and gradient dtype as configured."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=par.grad_reduce_in_fp32,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        bucket_size=par.ddp_bucket_size or None,
+        use_distributed_optimizer=par.use_distributed_optimizer,
         average_in_collective=False,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtype: str, distributed: bool):
-    config = OptimizerConfig(
+def wrap_ddp(model: GPTModel, config, par: ParallelConfig) -> DistributedDataParallel:
+    return DistributedDataParallel(config=config, ddp_config=ddp_config(par), module=model)
+
+
+def optimizer_config(optim: OptimConfig, dtype: str, par: ParallelConfig) -> OptimizerConfig:
+    """Megatron's AdamW settings, with the precision-aware optimizer and CPU offload as `optim` asks."""
+    if optim.precision_aware and importlib.util.find_spec("transformer_engine") is None:
+        # megatron-core reads Transformer Engine's version for this optimizer and fails obscurely without it
+        raise RuntimeError("optim.precision_aware=true needs Transformer Engine, which is not installed here")
+    return OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
         min_lr=optim.min_lr,
@@ -112,9 +135,18 @@ def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtyp
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         params_dtype=getattr(torch, dtype),
-        use_distributed_optimizer=distributed,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather,
+        use_precision_aware_optimizer=optim.precision_aware,
+        exp_avg_dtype=getattr(torch, optim.exp_avg_dtype),
+        exp_avg_sq_dtype=getattr(torch, optim.exp_avg_sq_dtype),
+        optimizer_cpu_offload=optim.cpu_offload_fraction > 0,
+        optimizer_offload_fraction=optim.cpu_offload_fraction,
     )
-    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_optimizer(ddp_model: DistributedDataParallel, optim: OptimConfig, dtype: str, par: ParallelConfig):
+    return get_megatron_optimizer(optimizer_config(optim, dtype, par), [ddp_model])
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:

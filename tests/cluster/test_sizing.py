@@ -120,3 +120,38 @@ def test_a_plan_that_does_not_fit_says_which_phase_and_why(capsys):
     assert "problem: rollout engine: 0.6 x 80 GB leaves 0.0 GB of KV cache after 65.5 GB of weights" in out
     assert main(["slurm", "size", big]) == 0
     assert "peak 52.0 GB of 80 GB per GPU: fits" in capsys.readouterr().out
+
+
+def test_gradient_dtype_moments_and_optimizer_offload_are_priced():
+    """bf16 gradients halve the gradient buffer, bf16 moments take 2 + 2 of Adam's 12 bytes, and the hybrid
+    optimizer's host share leaves the GPU."""
+    base = ["cluster.device=cuda", "cluster.devices_per_node=8", "parallel.tp=2", "sizing.model_shape=qwen2.5-32b"]
+
+    def train_lines(*overrides):
+        cfg = load_config(None, base + list(overrides))
+        return {name: gb for name, gb, _ in estimate(cfg, SHAPES["qwen2.5-32b"], None).phases[0].lines}
+
+    plain = train_lines()
+    per_rank = plain["params"] / 2  # bf16 parameters of the stage / t
+    assert plain["grads"] == pytest.approx(per_rank * 4)
+    assert plain["optimizer"] == pytest.approx(per_rank * 12 / 4)  # dp = 8 / 2
+    assert train_lines("parallel.grad_reduce_in_fp32=false")["grads"] == pytest.approx(per_rank * 2)
+    low = train_lines("optim.precision_aware=true", "optim.exp_avg_dtype=bfloat16", "optim.exp_avg_sq_dtype=bfloat16")
+    assert low["optimizer"] == pytest.approx(per_rank * (4 + 2 + 2) / 4)
+    offload = train_lines("optim.precision_aware=true", "optim.cpu_offload_fraction=0.75")
+    assert offload["optimizer"] == pytest.approx(per_rank * 12 / 4 * 0.25)
+    assert offload["params"] == plain["params"] and offload["grads"] == plain["grads"]
+
+
+def test_chunked_logprobs_price_one_chunk_of_float32_work():
+    base = ["cluster.device=cuda", "cluster.devices_per_node=8", "parallel.tp=2", "sizing.model_shape=qwen2.5-32b"]
+    base += ["rollout.max_prompt_tokens=1024", "rollout.max_response_tokens=7168"]
+
+    def logits(*overrides):
+        cfg = load_config(None, base + list(overrides))
+        lines = dict((name, gb) for name, gb, _ in estimate(cfg, SHAPES["qwen2.5-32b"], None).phases[0].lines)
+        return lines["logits"]
+
+    vocab = SHAPES["qwen2.5-32b"].vocab_size / 2
+    assert logits() == pytest.approx(8192 * vocab * 4 * 2 / 1e9)
+    assert logits("parallel.logprob_chunk_tokens=1024") == pytest.approx((8192 * 2 * 2 + 1024 * 4 * 2) * vocab / 1e9)

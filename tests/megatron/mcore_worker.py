@@ -7,6 +7,7 @@ WORKDIR/out/<name>.pt. Several parallel layouts run one after another in the sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -25,20 +26,21 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def build(family: str, tp: int, pp: int, **extra) -> MegatronActor:
-    overrides = [
-        f"model.path={WORKDIR / ('hf_' + family)}",
-        "model.dtype=float32",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"cluster.devices_per_node={WORLD}",
-        "rollout.n=4",
-        "data.batch_size=2",
-        "algorithm.mini_batch_size=1",
-        "optim.lr=0.001",
-        "optim.warmup_steps=0",
-        "trainer.steps=4",
-    ] + [f"{k}={v}" for k, v in extra.items()]
-    return MegatronActor(load_config(None, overrides))
+    settings = {
+        "model.path": WORKDIR / ("hf_" + family),
+        "model.dtype": "float32",
+        "parallel.tp": tp,
+        "parallel.pp": pp,
+        "cluster.devices_per_node": WORLD,
+        "rollout.n": 4,
+        "data.batch_size": 2,
+        "algorithm.mini_batch_size": 1,
+        "optim.lr": 0.001,
+        "optim.warmup_steps": 0,
+        "trainer.steps": 4,
+    }
+    settings.update(extra)
+    return MegatronActor(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
 
 
 def emit(name: str, value) -> None:
@@ -49,6 +51,32 @@ def emit(name: str, value) -> None:
 
 def exported(actor: MegatronActor) -> dict[str, torch.Tensor]:
     return {name: t.clone().cpu() for bucket in actor.export_hf_weights(1 << 14) for name, t in bucket}
+
+
+def full_moments(actor: MegatronActor) -> dict[str, torch.Tensor]:
+    """Adam's exp_avg and exp_avg_sq of every model parameter as whole tensors: this rank's distributed-optimizer
+    shard placed in the parameter's range, summed over DP, then the TP slices joined as the HF export joins the
+    weights (models.hf_mapping.tp_gather; PP1 only)."""
+    from megatron.core import parallel_state
+
+    from fapo_megatron.models.hf_mapping import tp_gather
+
+    dp_group = parallel_state.get_data_parallel_group()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    optimizers = getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
+    out = {}
+    for name, param in actor.model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.zeros(param.numel())
+            for opt in optimizers:
+                if param in opt.model_param_group_index_map:
+                    span = opt._get_model_param_range_map(param)["param"]
+                    flat[span.start : span.end] = opt._get_main_param_and_optimizer_states(param)[key].float()
+            torch.distributed.all_reduce(flat, group=dp_group)
+            slices = [torch.empty_like(flat) for _ in range(actor.layout.tp)]
+            torch.distributed.all_gather(slices, flat, group=tp_group)
+            out[f"{name}.{key}"] = tp_gather(name, [piece.view(param.shape) for piece in slices])
+    return out
 
 
 def parity() -> None:
@@ -111,12 +139,19 @@ def checkpoint() -> None:
     actor.train_step(batch)
     actor.save(root, 1, {"data_position": 7})
     emit("ckpt_tp2", actor.compute_logprobs(batch)[0])
+    emit("ckpt_tp2_moments", full_moments(actor))
     emit("uninterrupted", actor.train_step(make_batch(1)))
+    emit("uninterrupted_weights", exported(actor))
     actor.close()
     for tp, pp in ((1, 1), (1, 2)):
         actor = build("qwen2", tp, pp)
         extra = actor.load(root)
-        emit(f"ckpt_load_tp{tp}pp{pp}", {"logprobs": actor.compute_logprobs(batch)[0], "extra": extra})
+        result = {"logprobs": actor.compute_logprobs(batch)[0], "extra": extra}
+        if pp == 1:  # saved at TP2 x DP1, loaded at TP1 x DP2: Adam's state resharded, the next step the same
+            result["moments"] = full_moments(actor)
+            result["next"] = actor.train_step(make_batch(1))
+            result["next_weights"] = exported(actor)
+        emit(f"ckpt_load_tp{tp}pp{pp}", result)
         actor.close()
     actor = build("qwen2_wide", 2, 1)
     try:
@@ -148,8 +183,6 @@ def restart() -> None:
 def non_finite() -> None:
     """A NaN advantage in each mini-batch, on DP rank 1's rows in the first and rank 0's in the second: stop leaves
     the weights as they were; skip counts both updates and leaves them too; a finite batch then updates as usual."""
-    import dataclasses
-
     good = make_batch()
     advantages = good.advantages.clone()
     advantages[[2, 5]] = float("nan")
@@ -170,7 +203,41 @@ def non_finite() -> None:
         actor.close()
 
 
+def actor_options() -> None:
+    """One train step (two optimizer steps) at DP2 under each DDP and log-prob option, from the same weights: the
+    DDP wrapper megatron built (its config, buckets, gradient dtype, forward pre-hooks), the weights after the
+    step and the log-probs then."""
+    batch = make_batch()
+    options = {
+        "plain": {},
+        "overlap_grad": {"parallel.overlap_grad_reduce": "true"},
+        "small_buckets": {"parallel.overlap_grad_reduce": "true", "parallel.ddp_bucket_size": 4096},
+        "overlap_both": {"parallel.overlap_grad_reduce": "true", "parallel.overlap_param_gather": "true"},
+        "bf16_fp32_grads": {"model.dtype": "bfloat16"},
+        "bf16_grads": {"model.dtype": "bfloat16", "parallel.grad_reduce_in_fp32": "false"},
+        "chunked": {"parallel.logprob_chunk_tokens": 5},
+        "entropy": {"algorithm.entropy_coef": 0.05},
+        "entropy_chunked": {"algorithm.entropy_coef": 0.05, "parallel.logprob_chunk_tokens": 5},
+    }
+    for name, extra in options.items():
+        actor = build("qwen2", 1, 1, **{"algorithm.tis_cap": 2.0, **extra})
+        ddp = actor.ddp
+        built = {
+            "ddp_config": dataclasses.asdict(ddp.ddp_config),
+            "bucket_groups": len(ddp.bucket_groups),
+            "grad_dtypes": sorted({str(buffer.grad_data.dtype) for buffer in ddp.buffers}),
+            "forward_pre_hooks": len(ddp.remove_forward_pre_hook_handles),
+        }
+        before = exported(actor)
+        metrics = actor.train_step(batch)
+        after = exported(actor)
+        moved = max((after[k].float() - before[k].float()).abs().max().item() for k in after)
+        logprobs = actor.compute_logprobs(batch)[0]
+        emit(f"options_{name}", {**built, "metrics": metrics, "weights": after, "moved": moved, "logprobs": logprobs})
+        actor.close()
+
+
 if __name__ == "__main__":
     scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
-    scenarios.update(non_finite=non_finite, packing=packing)
+    scenarios.update(non_finite=non_finite, packing=packing, actor_options=actor_options)
     scenarios[sys.argv[1]]()

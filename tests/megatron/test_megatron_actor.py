@@ -135,6 +135,9 @@ def test_train_step_same_update_under_tp_pp(results, workdir):
         assert metrics["optimizer_steps"] == 2 and metrics["lr"] == pytest.approx(1e-3)
         assert metrics["grad_norm"] > 0 and 0 <= metrics["pg_clipfrac"] <= 1
     assert runs["tp2pp1"]["metrics"]["loss"] == pytest.approx(runs["tp1pp1"]["metrics"]["loss"], abs=1e-5)
+    # every TP rank's slice of a split weight counts once in the norm (Adam's first step hides a wrong clip)
+    for layout in ("tp2pp1", "tp1pp2"):
+        assert runs[layout]["metrics"]["grad_norm"] == pytest.approx(runs["tp1pp1"]["metrics"]["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
@@ -168,6 +171,23 @@ def test_checkpoint_reshards_and_names_mismatch(results):
     assert "embedding.word_embeddings.weight" in message and "(128, 96)" in message, message
 
 
+def test_checkpoint_at_tp2_keeps_adam_moments_at_tp1(results):
+    """The distributed optimizer's fully-reshardable format: saved at TP2 x DP1, loaded at TP1 x DP2, every
+    parameter's exp_avg / exp_avg_sq is the saved one, and the next step is the uninterrupted TP2 step."""
+    saved = results("checkpoint", 2, "ckpt_tp2_moments")
+    loaded = results("checkpoint", 2, "ckpt_load_tp1pp1")
+    assert set(loaded["moments"]) == set(saved)
+    assert max(t.abs().max().item() for name, t in saved.items() if name.endswith("exp_avg_sq")) > 0
+    for name, tensor in saved.items():
+        rows = min(tensor.shape[0], loaded["moments"][name].shape[0])  # vocabulary padding may differ with TP
+        assert torch.equal(loaded["moments"][name][:rows], tensor[:rows]), name
+    uninterrupted = results("checkpoint", 2, "uninterrupted")
+    assert loaded["next"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
+    for name, tensor in results("checkpoint", 2, "uninterrupted_weights").items():
+        diff = (loaded["next_weights"][name] - tensor).abs().max().item()
+        assert diff <= 1e-5, f"{name}: the step after the TP change differs by {diff}"
+
+
 def test_restart_after_kill_continues_exactly(results, workdir):
     uninterrupted = results("checkpoint", 2, "uninterrupted")
     codes = launch_ranks(WORKER, "crash", 2, workdir)
@@ -186,3 +206,94 @@ def test_non_finite_update_stops_or_is_skipped_never_applied(results):
     skip = results("non_finite", 2, "non_finite_skip")
     assert skip["skipped"] == 2.0 and math.isnan(skip["grad_norm"]) and skip["unchanged"]
     assert skip["changed_after_good"]
+
+
+def test_ddp_options_build_what_they_name_and_keep_the_step(results):
+    """At DP2: overlapped reduce and gather, bucket size and bf16 gradients reach megatron's DDP wrapper; the
+    overlapped step is the plain one (a sum of two ranks' gradients in any bucket order), and with the gather
+    overlapped the step still ends with whole, updated parameters."""
+    plain = results("actor_options", 2, "options_plain")
+    config = plain["ddp_config"]
+    assert not config["overlap_grad_reduce"] and not config["overlap_param_gather"] and config["bucket_size"] is None
+    assert config["grad_reduce_in_fp32"] and plain["bucket_groups"] == 1 and plain["forward_pre_hooks"] == 0
+    assert plain["moved"] > 1e-4
+    overlap = results("actor_options", 2, "options_overlap_grad")
+    assert overlap["ddp_config"]["overlap_grad_reduce"] and overlap["ddp_config"]["bucket_size"] == 40_000_000
+    small = results("actor_options", 2, "options_small_buckets")
+    assert small["ddp_config"]["bucket_size"] == 4096 and small["bucket_groups"] > 4
+    both = results("actor_options", 2, "options_overlap_both")
+    assert both["ddp_config"]["overlap_param_gather"] and both["forward_pre_hooks"] > 0
+    for run in (overlap, small, both):
+        for name, tensor in plain["weights"].items():
+            diff = (run["weights"][name] - tensor).abs().max().item()
+            assert diff <= 1e-6, f"{run['ddp_config']}: {name} differs from the plain step by {diff}"
+        assert run["metrics"]["loss"] == pytest.approx(plain["metrics"]["loss"], abs=1e-7)
+    fp32_grads = results("actor_options", 2, "options_bf16_fp32_grads")
+    bf16_grads = results("actor_options", 2, "options_bf16_grads")
+    assert fp32_grads["grad_dtypes"] == ["torch.float32"] and "torch.bfloat16" in bf16_grads["grad_dtypes"]
+    assert not bf16_grads["ddp_config"]["grad_reduce_in_fp32"]
+    assert bf16_grads["moved"] > 1e-4 and math.isfinite(bf16_grads["metrics"]["grad_norm"])
+
+
+def test_chunked_logprobs_take_the_same_step(results):
+    """Log-probs five positions at a time (16-token rows): the same step and log-probs, also with the entropy bonus
+    (whose gradient the chunked backward computes itself)."""
+    for chunked, whole in (("chunked", "plain"), ("entropy_chunked", "entropy")):
+        got, want = results("actor_options", 2, f"options_{chunked}"), results("actor_options", 2, f"options_{whole}")
+        assert (got["logprobs"] - want["logprobs"]).abs().max() <= 1e-6
+        for name, tensor in want["weights"].items():
+            diff = (got["weights"][name] - tensor).abs().max().item()
+            # Adam's first steps are ~lr * sign(g): float32 round-off in a tiny gradient element moves a weight
+            # by more than the round-off itself (the packed-step test's bound)
+            assert diff <= 1e-5, f"{chunked}: {name} differs from the unchunked step by {diff}"
+        for metric in ("entropy", "loss"):
+            assert got["metrics"][metric] == pytest.approx(want["metrics"][metric], rel=1e-6, abs=1e-8), metric
+    plain, entropy = results("actor_options", 2, "options_plain"), results("actor_options", 2, "options_entropy")
+    assert max((entropy["weights"][n] - t).abs().max().item() for n, t in plain["weights"].items()) > 1e-6
+
+
+def test_optimizer_config_default_is_plain_fp32_adam():
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    plain = load_config(None, [])
+    built = optimizer_config(plain.optim, plain.model.dtype, plain.parallel)
+    assert not built.use_precision_aware_optimizer and not built.optimizer_cpu_offload and built.bf16
+    assert built.exp_avg_dtype == built.exp_avg_sq_dtype == torch.float32
+
+
+def test_optimizer_config_carries_precision_aware_and_cpu_offload():
+    """megatron-core builds a precision-aware OptimizerConfig only with Transformer Engine installed."""
+    pytest.importorskip("transformer_engine.pytorch.optimizers")
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    cfg = load_config(None, ["cluster.device=cuda", "optim.precision_aware=true", "optim.cpu_offload_fraction=0.25"])
+    built = optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)
+    assert built.use_precision_aware_optimizer and built.use_distributed_optimizer
+    assert built.optimizer_cpu_offload and built.optimizer_offload_fraction == 0.25
+
+
+def test_optimizer_config_low_precision_moments_with_transformer_engine():
+    pytest.importorskip("transformer_engine.pytorch.optimizers")
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    overrides = ["cluster.device=cuda", "optim.precision_aware=true", "optim.exp_avg_dtype=bfloat16"]
+    cfg = load_config(None, overrides + ["optim.exp_avg_sq_dtype=float16"])
+    built = optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)
+    assert built.use_precision_aware_optimizer and not built.optimizer_cpu_offload
+    assert (built.exp_avg_dtype, built.exp_avg_sq_dtype) == (torch.bfloat16, torch.float16)
+
+
+def test_precision_aware_without_transformer_engine_is_named():
+    import importlib.util
+
+    from fapo_megatron.config import load_config
+    from fapo_megatron.megatron.model import optimizer_config
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed")
+    cfg = load_config(None, ["cluster.device=cuda", "optim.precision_aware=true"])
+    with pytest.raises(RuntimeError, match="optim.precision_aware=true needs Transformer Engine"):
+        optimizer_config(cfg.optim, cfg.model.dtype, cfg.parallel)

@@ -1,5 +1,6 @@
 """The fused log-prob path (no entropy gradient) equals the all-in-graph path and a plain log_softmax, at TP1 and
-TP2, in value and in gradient (including the padded vocabulary rows, whose gradient must be 0)."""
+TP2, in value and in gradient (including the padded vocabulary rows, whose gradient must be 0); the chunked path
+equals the unchunked one, with and without the entropy's gradient."""
 
 import os
 import subprocess
@@ -38,3 +39,10 @@ def test_fused_logprobs_match_graph_and_reference(tmp_path, world):
         torch.testing.assert_close(graph[key], reference[key], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused["grad"], graph["grad"], atol=1e-6, rtol=1e-5)
     assert fused["grad"][..., 50:].abs().max() == 0
+    for chunked, whole in (("chunked", "fused"), ("chunked_entropy", "graph_entropy")):
+        for key in ("logprobs", "entropy", "grad"):
+            diff = (result[chunked][key] - result[whole][key]).abs().max().item()
+            assert diff <= 1e-6, f"world {world}: {chunked} {key} differs from {whole} by {diff}"
+    assert result["chunked_entropy"]["grad"][..., 50:].abs().max() == 0
+    # the entropy's gradient is really there: it moves the logits' gradient away from the log-prob-only one
+    assert (result["chunked_entropy"]["grad"] - result["chunked"]["grad"]).abs().max() > 1e-3
