@@ -133,14 +133,16 @@ def grade_rollouts(
     advantages = grpo_advantages(result.rewards, group_ids, norm_by_std=algorithm.norm_adv_by_std, mask=result.keep)
     progress = learning_progress(correct, flawed, group_ids, lam=lam)
     metrics = {
-        "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else 0.0,
+        "reward/mean": float(result.rewards[result.keep].mean()) if bool(result.keep.any()) else math.nan,
         "reward/outcome_mean": float(result.outcome.float().mean()),
         "reward/overlong_mean": float(shaping.mean()),
         "reward/accuracy": float(correct.float().mean()),
         "reward/flawed_positive_share": flawed_positive_share(correct, flawed, available),
         "reward/num_dropped": float(result.num_dropped),
         "reward/num_unavailable": float(result.num_unavailable),
-        "reward/advantage_abs_mean": float(advantages[result.keep].abs().mean()) if bool(result.keep.any()) else 0.0,
+        "reward/advantage_abs_mean": (
+            float(advantages[result.keep].abs().mean()) if bool(result.keep.any()) else math.nan
+        ),
         "progress/mean_rho": progress["mean_rho"],
         "progress/positive_flawed_advantage_share": progress["positive_flawed_advantage_share"],
         "response/length_mean": float(lengths.float().mean()),

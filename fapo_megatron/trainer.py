@@ -328,6 +328,7 @@ def print_summary(summary: list[dict[str, float]], output_dir: str | Path) -> No
     rows = [
         ("reward/accuracy", "accuracy"),
         ("reward/flawed_positive_share", "flawed-positive share"),
+        ("genrm/flawed_share", "GenRM flawed share"),
         ("reward/mean", "reward"),
         ("response/length_mean", "response length"),
         ("val/accuracy", "val accuracy"),

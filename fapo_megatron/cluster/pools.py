@@ -3,7 +3,9 @@
 `ray_session(cfg)` is the one way a run gets Ray. It starts a private local Ray (default) or joins
 `cluster.ray_address`, creates the pools `compute_layout(cfg)` asks for, and on exit, on an exception, on
 Ctrl-C or SIGTERM kills the run's worker groups, removes its placement groups and stops Ray; for a Ray it
-started, every process Ray spawned (GCS, raylet, workers and their children) is then checked gone.
+started, every process Ray spawned (GCS, raylet, workers and their children) is then checked gone. A SIGKILL runs
+none of that: for a Ray it started, a `lifetime.RunReaper` then kills every process of the run (a joined cluster's
+Ray ends a dead driver's actors itself).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fapo_megatron.cluster.bundles import Pool, create_pool
 from fapo_megatron.cluster.placement import PoolLayout, compute_layout
 from fapo_megatron.cluster.workers import WorkerGroup
 from fapo_megatron.config import Config
+from fapo_megatron.lifetime import RunReaper
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +118,16 @@ def ray_session(
     address = cfg.cluster.ray_address
     session = RaySession(cfg=cfg, layout=layout, pools={}, started_local=not address, temp_dir=None)
     ray_processes: list[psutil.Process] = []
+    reaper = None
     previous_handler = _raise_on_sigterm()
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            children_before = {child.pid for child in psutil.Process().children()}
             needed = sum(spec.num_bundles * spec.bundle.get("CPU", 0.0) for spec in layout.pools.values())
             session.temp_dir = tempfile.mkdtemp(prefix="fapo-ray-", dir="/tmp")  # Ray's socket paths: <= 107 bytes
+            reaper = RunReaper(remove_after=session.temp_dir)  # before ray.init: all of Ray descends from it
+            children_before = {child.pid for child in psutil.Process().children()}
             try:
                 ray.init(
                     address="local",
@@ -140,7 +145,11 @@ def ray_session(
                 session.pools[spec.name] = create_pool(spec, pool_timeout_s)
         yield session
     finally:
-        _teardown(session, ray_processes)
+        try:
+            _teardown(session, ray_processes)
+        finally:
+            if reaper is not None:
+                reaper.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 

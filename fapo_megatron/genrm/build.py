@@ -17,7 +17,7 @@ from pathlib import Path
 from fapo_megatron.config import GenRMConfig
 from fapo_megatron.engine_protocol import Engine
 from fapo_megatron.genrm.client import GenRMClient
-from fapo_megatron.genrm.prompt import render_chatml, render_with_tokenizer
+from fapo_megatron.genrm.prompt import encode_chat, render_chatml
 from fapo_megatron.genrm.transports import (
     EngineTransport,
     Messages,
@@ -31,8 +31,8 @@ from fapo_megatron.genrm.types import Judge
 def build_judge(genrm_cfg: GenRMConfig, engine: Engine | None = None, *, render: RenderFn | None = None) -> Judge:
     """The judge for `genrm_cfg.backend`; `engine` is required for embedded / sglang and ignored otherwise.
 
-    `render` turns chat messages into prompt text for text-only endpoints; by default the engine's tokenizer
-    chat template (external: the tokenizer at `genrm.model_path` when it is a local folder), else Qwen ChatML.
+    `render` turns chat messages into the prompt: by default token ids from the engine's tokenizer (external
+    SGLang: the tokenizer at `genrm.model_path` when it is a local folder; `encode_chat`), else Qwen ChatML text.
     """
     backend = genrm_cfg.backend
     if backend == "program":
@@ -67,14 +67,13 @@ def build_judge(genrm_cfg: GenRMConfig, engine: Engine | None = None, *, render:
 
 
 def engine_chat_renderer(engine: Engine) -> RenderFn:
-    """Render with the engine's tokenizer chat template when it has one (looked up at call time, after
-    `start()` loaded it), else with Qwen ChatML (FAPO-GenRM-4B's layout)."""
+    """Token ids from the engine's tokenizer (looked up at call time, after `start()` loaded it; its chat template,
+    else Qwen ChatML, FAPO-GenRM-4B's layout), so the solution's text cannot become special tokens; ChatML text
+    for an engine without a tokenizer."""
 
-    def render(messages: Messages) -> str:
+    def render(messages: Messages) -> str | list[int]:
         tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return render_with_tokenizer(tokenizer, messages)
-        return render_chatml(messages)
+        return render_chatml(messages) if tokenizer is None else encode_chat(tokenizer, messages)
 
     return render
 
@@ -85,6 +84,4 @@ def _local_tokenizer_renderer(model_path: str) -> RenderFn | None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    return lambda messages: render_with_tokenizer(tokenizer, messages)
+    return lambda messages: encode_chat(tokenizer, messages)

@@ -9,6 +9,8 @@ FAPO recipe, Apache-2.0), which FAPO-GenRM-4B was trained and evaluated with: pa
 The solution is the policy's text, and RL finds any way to steer its judge: before it enters the prompt it is
 neutralised (`neutralise`), so it can neither forge the step structure (`</paragraph_1>`) nor a chat turn
 (`<|im_end|><|im_start|>assistant`, or any special token of the judge's tokenizer, escaped again at rendering).
+Where the judge's tokenizer is at hand the prompt goes out as token ids (`encode_chat`): the layout is tokenised
+with its special tokens, the messages' text with `split_special_tokens`, so no text of theirs becomes one.
 """
 
 from __future__ import annotations
@@ -147,6 +149,33 @@ def render_chatml(messages: Sequence[dict[str, str]]) -> str:
 def render_with_tokenizer(tokenizer, messages: Sequence[dict[str, str]]) -> str:
     """The tokenizer's chat template with the assistant turn opened; the tokenizer's special and added tokens are
     escaped inside the messages first, so only the template's own become special tokens."""
-    reserved = [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]
-    safe = [{**m, "content": escape_control_strings(m["content"], reserved)} for m in messages]
+    safe = [{**m, "content": escape_control_strings(m["content"], _reserved(tokenizer))} for m in messages]
     return tokenizer.apply_chat_template(safe, tokenize=False, add_generation_prompt=True)
+
+
+def _reserved(tokenizer) -> list[str]:
+    return [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template (Qwen ChatML when it has none), assistant turn
+    opened: the layout's text is tokenised with its special tokens, each message's text (escaped as when rendered)
+    with `split_special_tokens=True`, so a control string in it stays plain text whatever the escaping missed.
+
+    The layout is found by rendering placeholders in place of the contents; a template that does not embed a
+    message's content as given is refused.
+    """
+    placeholders = [f"\ue000{index}\ue001" for index in range(len(messages))]
+    stand_ins = [{**m, "content": placeholder} for m, placeholder in zip(messages, placeholders)]
+    has_template = getattr(tokenizer, "chat_template", None)
+    layout = render_with_tokenizer(tokenizer, stand_ins) if has_template else render_chatml(stand_ins)
+    reserved = _reserved(tokenizer)
+    ids: list[int] = []
+    for index, (message, placeholder) in enumerate(zip(messages, placeholders)):
+        if layout.count(placeholder) != 1:
+            raise ValueError(f"the chat template does not embed message {index}'s content once, as given")
+        head, _, layout = layout.partition(placeholder)
+        ids += tokenizer(head, add_special_tokens=False)["input_ids"]
+        text = escape_control_strings(message["content"], reserved)
+        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + tokenizer(layout, add_special_tokens=False)["input_ids"]

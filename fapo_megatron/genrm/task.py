@@ -10,6 +10,7 @@ validation) reads "the exact earliest-error index".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,10 +81,15 @@ def score_genrm_responses(items: Sequence[PromptItem], texts: Sequence[str]) -> 
     answer_correct = [bool(item.meta.get("final_answer_correct", True)) for item in items]
     quality = processbench_metrics(verdicts, labels, answer_correct)
     metrics = {
-        "genrm_task/unparseable_share": sum(v.status == VerdictStatus.UNPARSEABLE for v in verdicts) / len(verdicts),
-        "genrm_task/flagged_share": sum(bool(v.flawed) for v in verdicts) / len(verdicts),
+        "genrm_task/unparseable_share": _share(sum(v.status == VerdictStatus.UNPARSEABLE for v in verdicts), verdicts),
+        "genrm_task/flagged_share": _share(sum(bool(v.flawed) for v in verdicts), verdicts),
         "genrm_task/acc_erroneous": quality["processbench/acc_erroneous"],
         "genrm_task/acc_correct": quality["processbench/acc_correct"],
         "genrm_task/processbench_f1": quality["processbench/f1"],
     }
     return GenRMScores(rewards=rewards, exact=exact, metrics=metrics)
+
+
+def _share(count: int, of: Sequence) -> float:
+    """count / len(of); NaN (logged as undefined, printed "n/a") for an empty batch, never 0."""
+    return count / len(of) if of else math.nan

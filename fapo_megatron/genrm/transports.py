@@ -20,8 +20,9 @@ from fapo_megatron.genrm.prompt import render_chatml
 from fapo_megatron.genrm.types import VerdictStatus
 
 Messages = list[dict[str, str]]
-RenderFn = Callable[[Messages], str]
-"""Chat messages -> the prompt text a raw-text endpoint expects (a tokenizer's chat template)."""
+RenderFn = Callable[[Messages], str | list[int]]
+"""Chat messages -> the prompt for a raw endpoint: token ids (`prompt.encode_chat`, where the judge's tokenizer is
+known: the solution's text cannot become special tokens) or text (escaped ChatML, the endpoint tokenises it)."""
 
 
 @dataclass
@@ -156,7 +157,8 @@ class OpenAIChatTransport:
 
 
 class SGLangGenerateTransport:
-    """`POST {url}/generate` with SGLang's native body (`text`, `sampling_params`) -> `text`, `meta_info`."""
+    """`POST {url}/generate` with SGLang's native body (`input_ids` or `text`, `sampling_params`) -> `text`,
+    `meta_info`."""
 
     parallel_calls = True
 
@@ -169,9 +171,9 @@ class SGLangGenerateTransport:
         return [self._one(messages, timeout_s) for messages in batch]
 
     def _one(self, messages: Messages, timeout_s: float) -> Answer:
-        data = _post_json(
-            self.url, {"text": self.render(messages), "sampling_params": self.sampling_params}, timeout_s
-        )
+        prompt = self.render(messages)
+        body = {"text": prompt} if isinstance(prompt, str) else {"input_ids": list(prompt)}
+        data = _post_json(self.url, {**body, "sampling_params": self.sampling_params}, timeout_s)
         text = data.get("text")
         if not isinstance(text, str):
             raise TransportRejected(f"{self.url}: no 'text' string in {str(data)[:200]}")

@@ -10,6 +10,7 @@ judgement at all: it is never to be read as "clean" (the unavailable-verdict pol
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -126,10 +127,11 @@ class JudgeCounts:
         return self.unparseable + self.timed_out + self.errors + self.unavailable
 
     def as_metrics(self, prefix: str = "genrm/") -> dict[str, float]:
-        """Flat metrics for the trainer's logger, with the flawed share among judged requests."""
+        """Flat metrics for the trainer's logger, with the flawed share among judged requests (NaN when none was
+        judged: an undefined share must not read as a clean batch)."""
         metrics = {f"{prefix}{name}": float(value) for name, value in asdict(self).items()}
         judged = self.flawed + self.clean
-        metrics[f"{prefix}flawed_share"] = self.flawed / judged if judged else 0.0
+        metrics[f"{prefix}flawed_share"] = self.flawed / judged if judged else math.nan
         metrics[f"{prefix}missing"] = float(self.missing)
         return metrics
 

@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
+from fapo_megatron.lifetime import exit_with_parent
 from fapo_megatron.megatron.checkpoint_files import (
     LATEST,
     CheckpointError,
@@ -44,6 +48,21 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZER_FORMAT = "fully_reshardable"
 """megatron's DistributedOptimizer sharding type this code writes; meta.json records it (absent: dp_reshardable)."""
+_writer_manager: SyncManager | None = None
+
+
+def _writer_results_queue_dies_with_this_process() -> None:
+    """megatron-core's torch_dist writer collects its results through a multiprocessing Manager server it starts on
+    the first save and keeps for the process's life; a SIGKILLed rank would leave that server (and its resource
+    tracker) running for good. Give the writer its queue from a Manager of ours whose server exits once this process
+    is gone (`filesystem_async` reads the queue from this module global, filled on first use)."""
+    global _writer_manager
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(exit_with_parent, (os.getpid(),))
+    _writer_manager = manager  # kept: the server stops when the manager object is collected
+    filesystem_async._results_queue = manager.Queue()
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -128,6 +147,7 @@ def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
+    _writer_results_queue_dies_with_this_process()
     dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=True), str(tmp))
     torch_save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
     if rank0:

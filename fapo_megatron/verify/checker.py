@@ -10,11 +10,13 @@ scores it wrong (counted in `num_crashes`).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from fapo_megatron.lifetime import exit_with_parent
 from fapo_megatron.verify.equivalence import answers_match, quick_verdict
 from fapo_megatron.verify.extract import extract_boxed
 
@@ -23,8 +25,10 @@ _READY = "ready"
 _STARTUP_TIMEOUT_S = 120.0
 
 
-def _worker_main(conn: Connection) -> None:
-    """Warm up (imports sympy and math-verify), say so, then serve (index, pred, gold) until the pipe closes."""
+def _worker_main(conn: Connection, parent_pid: int) -> None:
+    """Warm up (imports sympy and math-verify), say so, then serve (index, pred, gold) until the pipe closes or the
+    parent dies (a case stuck in sympy would not notice the closed pipe)."""
+    exit_with_parent(parent_pid)
     answers_match("\\frac{1}{2}", "x = 0.5")
     conn.send(_READY)
     while True:
@@ -159,7 +163,7 @@ class AnswerChecker:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe()
-        process = self._context.Process(target=_worker_main, args=(child_conn,), daemon=True)
+        process = self._context.Process(target=_worker_main, args=(child_conn, os.getpid()), daemon=True)
         process.start()
         child_conn.close()
         return _Worker(process=process, conn=parent_conn)

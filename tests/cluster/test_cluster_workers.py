@@ -1,7 +1,12 @@
 """Worker groups on a real local Ray: gloo all_reduce through the given env, failures named, pool errors."""
 
+import contextlib
 import os
+import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,6 +21,7 @@ from fapo_megatron.cluster.workers import WorkerError, WorkerGroup
 from fapo_megatron.config import load_config
 from fapo_megatron.dist_env import init_distributed_from_env
 
+REPO = Path(__file__).resolve().parents[2]
 # Workers import this module by value: tests/ is not importable from Ray's worker processes.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -155,3 +161,67 @@ def test_an_unplaceable_pool_says_what_was_asked_and_what_exists(session):
     message = str(caught.value)
     assert "pool 'huge'" in message and "64 bundles of {'CPU': 1.0}" in message and "{'CPU': 64.0}" in message
     assert f"the cluster has {{'CPU': {total_cpus}}}" in message
+
+
+DRIVER_MARK = "FAPO_TEST_DRIVER_MARK"
+
+
+def _alive(processes) -> list[psutil.Process]:
+    found = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    """Processes whose environment carries the test's mark (readable unless a process rewrote its title)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(DRIVER_MARK) == mark:
+                found.append(process)
+    return _alive(found)
+
+
+def test_no_process_outlives_a_sigkilled_driver():
+    """The driver (local Ray, two workers each with a Manager child) gets SIGKILL: no clean-up runs, yet within
+    seconds nothing it started is left (Ray's own fate-sharing leaves its dashboard and runtime-env agents)."""
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), **{DRIVER_MARK: mark})
+    driver = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("driver_to_kill.py")), "300"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in driver.stdout:
+            lines.append(line)
+            if line.strip() == "READY":
+                break
+        assert lines and lines[-1].strip() == "READY", "".join(lines[-40:])
+        temp_dir = Path(lines[-2].split()[-1])
+        assert lines[-2].startswith("TEMP ") and temp_dir.is_dir()
+        started = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(f"{process.name()} {' '.join(process.cmdline())}" for process in started)
+        assert len(started) >= 8 and "raylet" in names and "DashboardAgent" in names, names
+        assert sum("spawn_main" in " ".join(process.cmdline()) for process in started) >= 2, names  # the Managers
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 20.0
+    while (left := _alive(started) + _marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    described = sorted({f"{process.pid} {' '.join(process.cmdline())[:120]}" for process in left})
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    assert not left, f"still running 20 s after the driver's SIGKILL: {described}"
+    assert not temp_dir.exists(), f"{temp_dir}: the killed driver's Ray folder is left behind"

@@ -1,7 +1,7 @@
 """A stand-in GenRM server for tests: OpenAI `/v1/chat/completions` or SGLang `/generate`, stdlib only.
 
 Request and response JSON follow the OpenAI chat-completions schema and SGLang's native `/generate`
-(SGLang 0.5.x: body `text` + `sampling_params`; reply `text` + `meta_info` with `completion_tokens`).
+(SGLang 0.5.x: body `text` or `input_ids` + `sampling_params`; reply `text` + `meta_info` with `completion_tokens`).
 What it answers is steered by a directive in the problem text, `[[judge:X]]`:
   an integer N -> "...\\boxed{N}";  garbage -> prose without a box;  slow -> sleeps 30 s first;
   503 -> HTTP 503 every time;  flaky -> HTTP 503 on the first try of that prompt, then -1;  drop -> closes the
@@ -60,7 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != path:
             return self._send(404, {"error": f"no route {self.path}"})
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][-1]["content"] if self.server.api == "openai" else body["text"]
+        if self.server.api == "openai":
+            prompt = body["messages"][-1]["content"]
+        else:  # token ids carry no readable directive: they get the default answer
+            prompt = body["text"] if "text" in body else json.dumps(body["input_ids"])
         with self.server.lock:
             self.server.requests.append(body)
             tries = self.server.seen[prompt] = self.server.seen.get(prompt, 0) + 1

@@ -13,7 +13,7 @@ from fapo_megatron.engine_protocol import Generation
 from fapo_megatron.experience import grade_rollouts
 from fapo_megatron.genrm.build import build_judge
 from fapo_megatron.metrics import MetricsLogger, read_metrics
-from fapo_megatron.trainer import format_share
+from fapo_megatron.trainer import format_share, print_summary
 
 ITEMS = [PromptItem(prompt="1+1?", ground_truth="2", source="math", index=0)]
 GENERATIONS = [
@@ -54,3 +54,12 @@ def test_outage_under_the_limit_is_counted_and_undefined_share_is_nan(tmp_path):
     logger.close()
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["reward/flawed_positive_share"] is None
     assert format_share(0.0) == "0.000"
+
+
+def test_genrm_flawed_share_of_nothing_judged_is_nan_and_printed_na(tmp_path, capsys):
+    graded = _grade([True, True, False, False], "genrm.max_unavailable_fraction=1.0")
+    assert graded.metrics["genrm/asked"] == 2 and graded.metrics["genrm/flawed"] == 0
+    assert math.isnan(graded.metrics["genrm/flawed_share"])  # 0 of 0 judged, not a clean 0.0
+    print_summary([graded.metrics, {**graded.metrics, "genrm/flawed_share": 0.25}], tmp_path)
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("GenRM flawed share")]
+    assert row.split()[-2:] == ["n/a", "0.250"]

@@ -54,6 +54,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCH_MARK = "FAPO_TEST_LAUNCH"
+"""Environment variable naming the launch (workdir/scenario) of every rank process and what they start."""
+
+
+def launch_mark(workdir: Path, scenario: str) -> str:
+    return f"{workdir}/{scenario}"
+
+
+def launched_processes(workdir: Path, scenario: str) -> list:
+    """The live processes (psutil) a launch of `scenario` started: its ranks and their children."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(LAUNCH_MARK) == launch_mark(workdir, scenario):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def launch_ranks(worker: Path, scenario: str, world: int, workdir: Path, timeout: float = 240) -> list[int]:
     """Run `worker SCENARIO WORKDIR` as `world` gloo ranks; their exit codes (logs in WORKDIR/SCENARIO_rank*.log).
 
@@ -78,6 +101,7 @@ def _launch_once(worker: Path, scenario: str, world: int, workdir: Path, timeout
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
             PYTHONWARNINGS="ignore",
+            **{LAUNCH_MARK: launch_mark(workdir, scenario)},
         )
         with open(workdir / f"{scenario}_rank{rank}.log", "w") as log:
             procs.append(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import transformers
 from fapo_megatron.algo import ppo_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from megatron_testlib import launch_ranks, make_batch, rank_logs, tiny_hf_model  # noqa: E402
+from megatron_testlib import launch_ranks, launched_processes, make_batch, rank_logs, tiny_hf_model  # noqa: E402
 
 WORKER = Path(__file__).parent / "mcore_worker.py"
 
@@ -192,6 +193,14 @@ def test_restart_after_kill_continues_exactly(results, workdir):
     uninterrupted = results("checkpoint", 2, "uninterrupted")
     codes = launch_ranks(WORKER, "crash", 2, workdir)
     assert codes == [-9, -9], codes
+    # Nothing the killed ranks started (megatron-core's checkpoint-writer Manager servers) outlives them.
+    deadline = time.monotonic() + 10.0
+    while (left := launched_processes(workdir, "crash")) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    described = [f"{process.pid} {' '.join(process.cmdline())[:100]}" for process in left]
+    for process in left:
+        process.kill()
+    assert not left, f"still running 10 s after the ranks' SIGKILL: {described}"
     restarted = results("restart", 2, "restarted")
     assert restarted["extra"] == {"data_position": 1} and restarted["optimizer_steps"] == 4
     assert restarted["metrics"]["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)

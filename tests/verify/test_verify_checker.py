@@ -92,3 +92,37 @@ def test_case_whose_worker_dies_twice_is_wrong_and_counted():
         assert checker.num_timeouts == 0
         assert time.monotonic() - start < 45  # two replacement start-ups on a loaded machine
         assert checker.check([r"\boxed{\sqrt{9}}"], ["3"]) == [True]
+
+
+PARENT_SCRIPT = f"""
+from fapo_megatron.verify import AnswerChecker
+if __name__ == "__main__":
+    checker = AnswerChecker(num_workers=1, timeout_s=600.0)
+    checker.check([r"\\boxed{{0.5}}"], [r"\\frac{{1}}{{2}}"])
+    print(checker._workers[0].process.pid, flush=True)
+    checker.check([r"{SLOW_RESPONSE}"], [r"{SLOW_GOLD}"])
+"""
+
+
+def test_a_worker_busy_in_sympy_dies_with_its_sigkilled_parent(tmp_path):
+    """SIGKILL of the checker's process closes no pipe a worker stuck in sympy would read: it must notice anyway."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = psutil.Process(int(parent.stdout.readline()))
+        time.sleep(1.0)  # the slow case has reached the worker
+        assert worker.is_running()
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        worker.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        worker.kill()
+        pytest.fail(f"answer-check worker {worker.pid} still running 10 s after its parent's SIGKILL")
