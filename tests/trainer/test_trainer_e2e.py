@@ -287,3 +287,29 @@ def test_streamed_verdicts_are_those_of_the_synchronous_path(warm_policy, tmp_pa
             assert s[key] == y[key], key
         for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl"):
             assert s[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_genrm_workers_on_their_own_pool_stream_verdicts(warm_policy, tmp_path):
+    """GenRM workers on a pool of their own take requests during the rollout. The warmed policy serves as the
+    GenRM model: the judge prompt is longer than its 512 positions, so each verdict is a counted error, which
+    shows every correct rollout was asked about once and none was dropped unseen."""
+    out = tmp_path / "separate"
+    _ok(
+        _train(
+            out,
+            warm_policy,
+            "trainer.steps=2",
+            "genrm.backend=embedded",
+            f"genrm.model_path={warm_policy}",
+            "genrm.placement=separate",
+            "cluster.genrm_devices=1",
+            "genrm.max_new_tokens=4",
+            "genrm.unavailable_policy=treat_as_clean",
+            "genrm.max_unavailable_fraction=1.0",
+        )
+    )
+    records = read_metrics(out / "metrics.jsonl")
+    for r in records:
+        assert r["genrm/asked"] == pytest.approx(r["reward/accuracy"] * 4 * 8)
+        assert r["genrm/errors"] == r["genrm/asked"] == r["reward/num_unavailable"]
+    assert sum(r["genrm/sent_during_rollout"] for r in records) > 0
