@@ -237,9 +237,10 @@ class GenRMConfig:
     deadline_s: float = 1800.0
     """Bound on the step's wait for its verdicts; what is not back by then is unavailable."""
     stream: bool = True
-    """External GenRM: send each correct rollout's request the moment its generation finishes and run the actor's
-    old-log-prob pass while verdicts are outstanding (the step waits only for the tail); false: judge after the
-    whole rollout, then the log-prob pass. GenRM workers (embedded / sglang backends) judge after the rollout."""
+    """External GenRM or GenRM workers on their own pool (`placement=separate`): send each correct rollout's
+    request the moment its generation finishes and run the actor's old-log-prob pass while verdicts are
+    outstanding (the step waits only for the tail); false: judge after the whole rollout, then the log-prob pass.
+    Colocated GenRM workers always judge after the rollout (they share its devices)."""
     retries: int = 2
     """Retries per request, with exponential backoff."""
     unavailable_policy: Literal["treat_as_clean", "treat_as_flawed", "drop", "fail"] = "drop"

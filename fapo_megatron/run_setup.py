@@ -83,7 +83,7 @@ def build_judge_for_run(cfg: Config, session, genrm_worker_cls: type) -> Judge |
     from fapo_megatron.cluster.role_groups import GenRMGroup  # Ray is imported only for runs that place workers
 
     group = session.worker_group("genrm", genrm_worker_cls, init_args=(to_dict(cfg),), engine_role="genrm")
-    return GenRMGroup(group)
+    return GenRMGroup(group, cfg.genrm)
 
 
 def resume_path(trainer: TrainerConfig, output_dir: Path, *, same_run: bool = False) -> Path | None:

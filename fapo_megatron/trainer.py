@@ -207,8 +207,8 @@ class Trainer:
         return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + self.step)
 
     def _verdict_stream(self):
-        """A stream for this step's verdicts when they can leave during the rollout (an external GenRM with
-        genrm.stream); None: judge after the rollout."""
+        """A stream for this step's verdicts when they can leave during the rollout (genrm.stream with an external
+        GenRM or GenRM workers on their own pool); None: judge after the rollout."""
         open_stream = getattr(self.judge, "open_stream", None)
         if not self.cfg.genrm.stream or open_stream is None or self.cfg.algorithm.reward == "genrm_step":
             return None

@@ -1,21 +1,27 @@
 """Typed groups of the two worker roles: one method per remote call, with the result's type.
 
 `PolicyGroup` drives the roles.policy.PolicyWorker ranks, `GenRMGroup` the roles.genrm.GenRMWorker replicas (it is
-the run's Judge). The trainer and run_setup call these methods; dispatch by method name (`WorkerGroup.call`)
-stays inside cluster/, next to the worker classes' method names it must match.
+the run's Judge; on a pool of its own it also takes a step's requests as rollouts finish, `ReplicaVerdictStream`).
+The trainer and run_setup call these methods; dispatch by method name (`WorkerGroup.call`) stays inside cluster/,
+next to the worker classes' method names it must match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Hashable, Iterator, Sequence
 
+import ray
 import torch
 
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.cluster.workers import WorkerGroup
+from fapo_megatron.config import GenRMConfig
 from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.engine_protocol import Generation, SamplingParams
-from fapo_megatron.genrm.types import JudgeRequest, Verdict
+from fapo_megatron.genrm.prompt import split_steps
+from fapo_megatron.genrm.types import JudgeRequest, Verdict, VerdictStatus
 
 
 class PolicyGroup:
@@ -67,20 +73,159 @@ class PolicyGroup:
 
 
 class GenRMGroup:
-    """The GenRM replicas as one Judge: a step's requests split over them in order, engines awake only in the
-    genrm phase (roles/genrm.GenRMWorker.enter reads phases.RESIDENCY); it is built, and its engines start, in the
-    genrm phase, and leaves it for the log-prob pass that follows the judge in a step."""
+    """The GenRM replicas as one Judge: a step's requests split over them in order.
 
-    def __init__(self, group: WorkerGroup):
+    Colocated, the engines are awake only in the genrm phase (they share the actor's devices; GenRMWorker.enter
+    reads phases.RESIDENCY; the group is built, and its engines start, in the genrm phase and leaves it for the
+    log-prob pass that follows the judge); on a pool of their own (`genrm.placement=separate`) they stay awake and
+    `open_stream` takes requests while the rollout runs.
+    """
+
+    def __init__(self, group: WorkerGroup, genrm: GenRMConfig):
         self.group = group
-        self.group.call("enter", "logprobs")
+        self.genrm = genrm
+        self.own_devices = genrm.placement == "separate"
+        if not self.own_devices:
+            self.group.call("enter", "logprobs")
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         num = self.group.num_workers
         shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
+        if self.own_devices:
+            answers = self.group.call_each("judge", [(shard,) for shard in shards])
+            return [verdict for shard in answers for verdict in shard]
         self.group.call("enter", "genrm")
         try:
             answers = self.group.call_each("judge", [(shard,) for shard in shards])
         finally:
             self.group.call("enter", "logprobs")
         return [verdict for shard in answers for verdict in shard]
+
+    def open_stream(self) -> ReplicaVerdictStream | None:
+        """A stream for this step's requests as rollouts finish; None when colocated (the replicas can judge only
+        once the rollout has given the devices back)."""
+        if not self.own_devices:
+            return None
+        return ReplicaVerdictStream(self.group, self.genrm)
+
+
+class ReplicaVerdictStream:
+    """Verdicts of one step from GenRM replicas on their own devices, asked as rollouts finish.
+
+    Each replica has at most one `judge` call out; a free one takes up to `genrm.concurrency` of the waiting
+    requests at once, so a request leaves the moment a replica is free and requests batch while all are busy. The
+    contract is genrm.client.VerdictStream's: `collect()` starts the deadline (`genrm.deadline_s`), waits for the
+    tail and returns exactly one verdict per submitted key (a timeout verdict for what is not back by then); a key
+    submitted twice is an error; `busy_seconds` is the wall time with at least one call out. A replica that fails
+    fails the step (as `GenRMGroup.judge`), named by rank.
+    """
+
+    POLL_S = 0.02
+    """How often the dispatcher looks for finished calls (Ray has no callback on a remote call's end)."""
+
+    def __init__(self, group: WorkerGroup, genrm: GenRMConfig):
+        self.group, self.genrm = group, genrm
+        self.busy_seconds = 0.0
+        self._busy_since = 0.0
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[Hashable, JudgeRequest]] = []
+        self._free = list(range(group.num_workers))
+        self._out: dict[ray.ObjectRef, tuple[int, list[Hashable]]] = {}
+        self._keys: dict[Hashable, JudgeRequest] = {}
+        self._verdicts: dict[Hashable, Verdict] = {}
+        self._error: BaseException | None = None
+        self._collected = False
+        """collect() has begun: no more submits."""
+        self._closed = False
+        """collect() has its verdicts (or its deadline passed): the dispatcher stops."""
+        self._thread = threading.Thread(target=self._watch, name="genrm-replicas", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, request: JudgeRequest) -> None:
+        with self._cond:
+            if self._collected:
+                raise RuntimeError("ReplicaVerdictStream.submit after collect(): open a new stream for the next step")
+            if key in self._keys:
+                raise ValueError(f"GenRM request {key!r} submitted twice; every rollout is judged once")
+            self._keys[key] = request
+            self._waiting.append((key, request))
+            self._dispatch()
+            self._cond.notify_all()
+
+    def collect(self) -> dict:
+        """{key: verdict} for every submitted key, returned by the deadline."""
+        deadline = time.monotonic() + self.genrm.deadline_s
+        with self._cond:
+            if self._collected:
+                raise RuntimeError("ReplicaVerdictStream.collect() called twice")
+            self._collected = True
+            while (self._waiting or self._out) and self._error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._closed = True
+            if self._out:
+                self.busy_seconds += time.monotonic() - self._busy_since
+            if self._out and self._error is None:  # calls back by now count even if the dispatcher has not seen them
+                ready, _ = ray.wait(list(self._out), num_returns=len(self._out), timeout=0)
+                for ref in ready:
+                    self._take(ref)
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return {key: self._verdicts[key] if key in self._verdicts else self._late(r) for key, r in self._keys.items()}
+
+    def _late(self, request: JudgeRequest) -> Verdict:
+        steps = len(split_steps(request.solution, self.genrm.max_steps))
+        return Verdict(
+            VerdictStatus.TIMEOUT, num_steps=steps, detail=f"batch deadline of {self.genrm.deadline_s:.1f}s passed"
+        )
+
+    def _dispatch(self) -> None:
+        """Hand waiting requests to free replicas (the lock is held)."""
+        while self._waiting and self._free:
+            rank = self._free.pop(0)
+            batch, self._waiting = self._waiting[: self.genrm.concurrency], self._waiting[self.genrm.concurrency :]
+            if not self._out:
+                self._busy_since = time.monotonic()
+            ref = self.group.call_rank_async(rank, "judge", [request for _, request in batch])
+            self._out[ref] = rank, [key for key, _ in batch]
+
+    def _watch(self) -> None:
+        """Take each finished call's verdicts and give its replica the next waiting requests, until collect ends."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                refs = list(self._out)
+                if not refs:
+                    self._cond.wait()  # woken by a submit's call or by collect closing the stream
+                    continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=self.POLL_S)
+            if not done:
+                continue
+            with self._cond:
+                if self._closed:
+                    return
+                self._take(done[0])
+                if not self._out:
+                    self.busy_seconds += time.monotonic() - self._busy_since
+                if self._error is None:
+                    self._dispatch()
+                self._cond.notify_all()
+                if self._error is not None:
+                    return
+
+    def _take(self, ref: ray.ObjectRef) -> None:
+        """A finished call's verdicts, its replica free again (the lock is held); a failed call is kept for collect
+        to raise in the trainer's thread."""
+        rank, keys = self._out.pop(ref)
+        try:
+            verdicts = self.group.get([ref], "judge", ranks=[rank])[0]
+        except BaseException as err:  # noqa: BLE001 - raised again by collect
+            self._error = err
+            return
+        self._verdicts.update(zip(keys, verdicts, strict=True))
+        self._free.append(rank)

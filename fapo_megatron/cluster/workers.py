@@ -162,8 +162,11 @@ class WorkerGroup:
 
     def call_rank(self, rank: int, method: str, *args, **kwargs) -> Any:
         """Run `method` on one rank only."""
-        ref = self._live_actors()[rank].call.remote(method, args, kwargs)
-        return self.get([ref], method, ranks=[rank])[0]
+        return self.get([self.call_rank_async(rank, method, *args, **kwargs)], method, ranks=[rank])[0]
+
+    def call_rank_async(self, rank: int, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """Start `method` on one rank; collect with `get([ref], method, ranks=[rank])` to have a failure named."""
+        return self._live_actors()[rank].call.remote(method, args, kwargs)
 
     def get(
         self, refs: Sequence[ray.ObjectRef], method: str = "?", timeout_s: float | None = None, ranks=None

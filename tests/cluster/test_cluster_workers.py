@@ -1,4 +1,5 @@
-"""Worker groups on a real local Ray: gloo all_reduce through the given env, failures named, pool errors."""
+"""Worker groups on a real local Ray: gloo all_reduce through the given env, streamed results, failures named,
+pool errors."""
 
 import contextlib
 import os
@@ -49,6 +50,34 @@ class Summer:
         if dist.get_rank() == rank:
             raise ValueError(f"bad shard {rank}")
         return dist.get_rank()
+
+
+def _wait_for(gate: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate.name} never opened: the caller did not get the item before it")
+        time.sleep(0.01)
+
+
+class Producer:
+    """Yields items that the caller must have received before the next one is made (gates are files it opens)."""
+
+    def __init__(self):
+        self.rank = int(os.environ["RANK"])
+
+    def produce(self, num: int, gates: str):
+        if self.rank == 0:
+            _wait_for(Path(gates) / "rank1-done")  # rank 0 starts only once the caller has all of rank 1's items
+        for i in range(num):
+            yield (self.rank, i)
+            if i + 1 < num:
+                _wait_for(Path(gates) / f"{self.rank}-{i}")
+
+    def produce_then_fail(self):
+        yield (self.rank, 0)
+        if self.rank == 1:
+            raise ValueError("engine lost mid-rollout")
 
 
 class Crasher:
@@ -116,6 +145,32 @@ def test_a_raising_worker_is_named_by_role_and_rank(summers):
     assert str(err) == "actor worker rank 1 failed in fail_on(): ValueError: bad shard 1"
     assert err.remote_traceback.startswith("ray::_WorkerHost.call()") and ", in fail_on\n" in err.remote_traceback
     assert summers.call("fail_on", 5) == [0, 1]  # the group survives a raised exception
+
+
+def test_stream_hands_over_each_item_while_the_workers_still_produce(session, tmp_path):
+    """Each rank makes its next item only after the caller got the previous one, and rank 0 starts only after the
+    caller got all of rank 1's: a stream that waited for a rank to finish, or read ranks in rank order, would
+    leave a worker waiting on its gate (a TimeoutError named by rank) instead of giving this order."""
+    producers = WorkerGroup("rollout", Producer, session.pools["actor"], 2, share=0.25)
+    try:
+        seen = []
+        for rank, i in producers.stream("produce", 3, str(tmp_path)):
+            seen.append((rank, i))
+            (tmp_path / f"{rank}-{i}").touch()
+            if (rank, i) == (1, 2):
+                (tmp_path / "rank1-done").touch()
+        assert seen == [(1, 0), (1, 1), (1, 2), (0, 0), (0, 1), (0, 2)]  # every item once, each rank in its order
+
+        received = []
+        with pytest.raises(WorkerError) as caught:
+            for item in producers.stream("produce_then_fail"):
+                received.append(item)
+        err = caught.value
+        assert (err.role, err.rank, err.method) == ("rollout", 1, "produce_then_fail")
+        assert str(err).endswith("ValueError: engine lost mid-rollout")
+        assert (1, 0) in received  # what the failing rank made before it raised was handed over
+    finally:
+        producers.shutdown()
 
 
 def test_a_dying_worker_is_named_and_its_group_shuts_down(session):

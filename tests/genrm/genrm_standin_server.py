@@ -5,15 +5,18 @@ Request and response JSON follow the OpenAI chat-completions schema and SGLang's
 What it answers is steered by a directive in the problem text, `[[judge:X]]`:
   an integer N -> "...\\boxed{N}";  garbage -> prose without a box;  slow -> sleeps 30 s first;
   503 -> HTTP 503 every time;  flaky -> HTTP 503 on the first try of that prompt, then -1;  drop -> closes the
-  connection without answering;  400 -> HTTP 400.  No directive -> "\\boxed{-1}".
+  connection without answering;  400 -> HTTP 400.  No directive -> "\\boxed{-1}", or with `by_content` a verdict
+  fixed by the prompt itself (flawed at step 0 when its SHA-256 starts with an odd byte, else clean), so the same
+  solution always gets the same verdict and a verdict given to the wrong rollout shows.
 `delay_s` is added to every answer; `concurrency` > 0 lets only that many requests be answered at once (the others
 queue, like a judge with a fixed number of decoding slots).
-Run as a script (`python genrm_standin_server.py openai|sglang [delay_s [concurrency]]`) it prints its port and
-serves until killed.
+Run as a script (`python genrm_standin_server.py openai|sglang [delay_s [concurrency [by-content]]]`) it prints its
+port and serves until killed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -27,9 +30,9 @@ DIRECTIVE = re.compile(r"\[\[judge:([^\]]+)\]\]")
 class StandinGenRM(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, api: str, delay_s: float = 0.0, concurrency: int = 0):
+    def __init__(self, api: str, delay_s: float = 0.0, concurrency: int = 0, by_content: bool = False):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.api, self.delay_s = api, delay_s
+        self.api, self.delay_s, self.by_content = api, delay_s, by_content
         self.slots = threading.Semaphore(concurrency) if concurrency > 0 else None
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}
@@ -47,6 +50,11 @@ class StandinGenRM(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.shutdown()
         self.server_close()
+
+
+def content_verdict(prompt: str) -> int:
+    """The `by_content` verdict of a prompt: 0 (flawed at the first step) or -1 (clean)."""
+    return 0 if hashlib.sha256(prompt.encode()).digest()[0] % 2 else -1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -74,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(self.server.delay_s)
         match = DIRECTIVE.search(prompt)
         directive = match.group(1) if match else "-1"
+        if not match and self.server.by_content:
+            directive = str(content_verdict(prompt))
         if directive == "slow":
             time.sleep(30)
         if directive == "drop":
@@ -123,6 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
-    server = StandinGenRM(sys.argv[1], delay, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    slots = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    server = StandinGenRM(sys.argv[1], delay, slots, by_content=sys.argv[4:5] == ["by-content"])
     print(server.server_address[1], flush=True)
     server.serve_forever()

@@ -240,3 +240,76 @@ def test_memory_ledger_follows_the_phase_order(fapo_run):
         assert r["memory/weight_sync/actor_grads_optimizer_bytes"] == 0
         # fp32 Adam, no distributed optimizer at DP 1: gradients (4 B) and two moments (8 B) beside 4 B of params
         assert r["memory/update/actor_bytes"] == 4 * params
+
+
+def test_streamed_verdicts_are_those_of_the_synchronous_path(warm_policy, tmp_path):
+    """An external judge whose verdict is fixed by the solution it reads (the stand-in's `by_content`): streamed,
+    requests leave while the rollout runs, every correct rollout is judged exactly once and each verdict lands on
+    its own rollout, so counts, rewards and losses equal the synchronous path's from the same seed."""
+    sys.path.insert(0, str(REPO / "tests" / "genrm"))
+    from genrm_standin_server import StandinGenRM, content_verdict
+
+    runs = {}
+    for stream in (True, False):
+        with StandinGenRM("sglang", delay_s=0.05, by_content=True) as judge:
+            out = tmp_path / f"stream_{stream}"
+            _ok(
+                _train(
+                    out,
+                    warm_policy,
+                    "trainer.steps=2",
+                    "genrm.backend=external",
+                    f"genrm.url={judge.url}",
+                    f"genrm.stream={str(stream).lower()}",
+                    "genrm.concurrency=4",
+                    "genrm.retries=0",
+                )
+            )
+            runs[stream] = read_metrics(out / "metrics.jsonl"), [body["text"] for body in judge.requests]
+    (streamed, streamed_prompts), (synced, synced_prompts) = runs[True], runs[False]
+    assert sum(r["genrm/sent_during_rollout"] for r in streamed) > 0, "no request left before the rollout ended"
+    assert all(r["genrm/sent_during_rollout"] == 0 for r in synced)
+    rollouts = 4 * 8
+    for records, prompts in runs.values():
+        assert len(prompts) == sum(r["genrm/asked"] - r["genrm/errors"] for r in records)  # one request each
+        sent = 0
+        for r in records:
+            # Every correct rollout was asked about once; the step's requests reached the judge before the next
+            # step's (the step waits for its verdicts), so the flawed count is that of this step's prompts.
+            assert r["genrm/asked"] == pytest.approx(r["reward/accuracy"] * rollouts)
+            step_prompts = prompts[sent : sent + int(r["genrm/asked"] - r["genrm/errors"])]
+            sent += len(step_prompts)
+            assert r["genrm/flawed"] == sum(content_verdict(p) == 0 for p in step_prompts)
+    assert sorted(streamed_prompts) == sorted(synced_prompts)  # the same rollouts judged, none twice
+    assert sum(r["genrm/flawed"] for r in streamed) > 0 and sum(r["genrm/clean"] for r in streamed) > 0
+    for s, y in zip(streamed, synced, strict=True):
+        for key in ("genrm/asked", "genrm/flawed", "genrm/clean", "reward/mean", "reward/advantage_abs_mean"):
+            assert s[key] == y[key], key
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl"):
+            assert s[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_genrm_workers_on_their_own_pool_stream_verdicts(warm_policy, tmp_path):
+    """GenRM workers on a pool of their own take requests during the rollout. The warmed policy serves as the
+    GenRM model: the judge prompt is longer than its 512 positions, so each verdict is a counted error, which
+    shows every correct rollout was asked about once and none was dropped unseen."""
+    out = tmp_path / "separate"
+    _ok(
+        _train(
+            out,
+            warm_policy,
+            "trainer.steps=2",
+            "genrm.backend=embedded",
+            f"genrm.model_path={warm_policy}",
+            "genrm.placement=separate",
+            "cluster.genrm_devices=1",
+            "genrm.max_new_tokens=4",
+            "genrm.unavailable_policy=treat_as_clean",
+            "genrm.max_unavailable_fraction=1.0",
+        )
+    )
+    records = read_metrics(out / "metrics.jsonl")
+    for r in records:
+        assert r["genrm/asked"] == pytest.approx(r["reward/accuracy"] * 4 * 8)
+        assert r["genrm/errors"] == r["genrm/asked"] == r["reward/num_unavailable"]
+    assert sum(r["genrm/sent_during_rollout"] for r in records) > 0
