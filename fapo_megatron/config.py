@@ -380,6 +380,12 @@ class TrainerConfig:
     """Save every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted first)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (a forked writer of the state as it was at the save): training goes on,
+    the next save or the run's end waits for it, and `latest` names it only once every rank's files are complete."""
+    fully_parallel_save: bool = False
+    """Spread the writing of DP-replicated shards over the data-parallel ranks (megatron's
+    FullyParallelSaveStrategyWrapper) instead of the first DP rank writing them all."""
     resume: str = "auto"
     """auto: continue from output_dir's newest complete checkpoint if there is one; none: start fresh; or the path
     of a checkpoint (folder or root). A fresh start into an output_dir with an earlier run's metrics or checkpoints

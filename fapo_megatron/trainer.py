@@ -107,15 +107,21 @@ class Trainer:
                     if self._due(cfg.trainer.checkpoint_interval) or preemption.requested:
                         with self.timer.phase("checkpoint"):
                             self.save_checkpoint()
+                    else:
+                        self._finish_checkpoint(blocking=False)
                     bar.update(1)
                     if preemption.requested:
                         raise SystemExit(EXIT_PREEMPTED)
+                self._finish_checkpoint(blocking=True)
                 if self._newest_saved_step() != self.step:
                     self.save_checkpoint()
             finally:
-                bar.close()
-                self.logger.close()
-                self.checker.close()
+                try:
+                    self._finish_checkpoint(blocking=True)  # an error or pre-emption exit waits for the writers too
+                finally:
+                    bar.close()
+                    self.logger.close()
+                    self.checker.close()
         return self.summary
 
     def train_step(self, bar) -> dict[str, float]:
@@ -287,8 +293,15 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
 
     def save_checkpoint(self) -> None:
+        """Save (with trainer.async_checkpoint: start the background write; the folder is published later), then
+        prune the complete folders beyond keep_checkpoints."""
         self.policy.save(str(self.checkpoint_dir), self.step, self.state_dict())
         checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
+
+    def _finish_checkpoint(self, *, blocking: bool) -> None:
+        """Publish a background save whose writers are done (blocking: wait for them), then prune."""
+        if self.cfg.trainer.async_checkpoint and self.policy.finish_checkpoint(blocking) is not None:
+            checkpoint_files.prune(self.checkpoint_dir, self.cfg.trainer.keep_checkpoints)
 
     def _newest_saved_step(self) -> int | None:
         steps = checkpoint_files.complete_steps(self.checkpoint_dir)

@@ -6,8 +6,8 @@ B = data.batch_size prompts, n = rollout.n, so R = B x n rollouts; P, L = mean p
 
   rollout     switch + prefill + R x L / (G x r) + (max_response_tokens - L) / s_policy
   GenRM       switch + prefill + J x V / (G_genrm x r_genrm) + (V_max - V) / s_genrm, J = accuracy x R verdicts
-  log-probs   R x (P + L) x forward FLOPs/token / (G x peak x logprob_mfu)
-  update      ppo_epochs x R x (P + L) x train FLOPs/token x recompute / (G x peak x actor_mfu)
+  log-probs   R x E[S x forward FLOPs/token(S)] / (G x peak x logprob_mfu)
+  update      ppo_epochs x R x E[S x train FLOPs/token(S)] x recompute / (G x peak x actor_mfu)
   weight sync 2 N / rollout.tp bytes per GPU / weight_sync_gb_per_s
   other       nothing: answer checking and Ray round trips are small at this scale (a run's `idle` shows them)
 
@@ -16,7 +16,11 @@ parameter count (decoding is bound by reading the weights, so the rate goes as 1
 sequence on its engine's tp GPUs once the batch has thinned out (weight bytes / HBM bandwidth): the step waits
 for its longest generation, which ends after the bulk at that rate. prefill = prompt-side tokens x 2N FLOPs at
 prefill_mfu. recompute = 4/3 under full activation recomputation (one more forward). V, V_max: mean and longest
-GenRM output, capped by genrm.max_new_tokens. FLOPs per token: bench/flops.py.
+GenRM output, capped by genrm.max_new_tokens. FLOPs per token: bench/flops.py. S is the length a row is computed
+at: with packing (parallel.max_tokens_per_micro_batch > 0) its own P + L_i; padded, P + the expected longest
+response of the rows padded together (a mini-batch of mini_batch_size x n rows in the update, the whole batch in
+the log-prob pass). Response lengths L_i: the mean alone, or with response_tokens_sigma > 0 equal-mass quantiles
+of a lognormal with that mean, capped at rollout.max_response_tokens (response_lengths).
 The defaults below are the project's measurements (benchmarks/RESULTS.md, PLATFORM.md) or FAPO.md's numbers;
 each can be replaced by a run's measurement (`bench breakdown` writes them under "measured"). A run's measured
 rollout / GenRM rate is the phase's effective rate (its tail included), so fed back here it counts the tail twice
@@ -27,8 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 from fapo_megatron.bench.flops import forward_flops_per_token, train_flops_per_token
 from fapo_megatron.cluster.sizing import resolve_shape, uses_genrm_model
@@ -59,6 +65,9 @@ class CostAssumptions:
     """Mean response tokens; 0: response_fraction x rollout.max_response_tokens."""
     response_fraction: float = 0.3
     """Mean response length as a share of the budget, over a run (lengths grow during RL)."""
+    response_tokens_sigma: float = 0.0
+    """Spread of response lengths: sigma of log length of a lognormal with the mean above (capped at the budget);
+    0: every response the mean length."""
     accuracy: float = 0.5
     """Share of rollouts with a correct answer: the ones the GenRM judges (FAPO.md)."""
     decode_ref_tokens_per_s_per_gpu: float = 28000.0
@@ -173,13 +182,53 @@ def generation_seconds(a, shape, *, tp, gpus, sequences, prompt_tokens, mean_out
     return a.engine_switch_seconds + prefill + bulk + tail
 
 
+LENGTH_QUANTILES = 2048
+"""Equal-mass quantiles standing for a lognormal length distribution."""
+
+
+def response_lengths(a: CostAssumptions, budget: int) -> list[float]:
+    """Response lengths of equal probability standing for the distribution `a` describes, capped at `budget`."""
+    mean = a.response_tokens_mean or a.response_fraction * budget
+    sigma = a.response_tokens_sigma
+    if sigma == 0:
+        return [min(mean, budget)]
+    mu = math.log(mean) - sigma * sigma / 2  # a lognormal's mean is exp(mu + sigma^2 / 2)
+    normal = NormalDist()
+    quantiles = ((i + 0.5) / LENGTH_QUANTILES for i in range(LENGTH_QUANTILES))
+    return [min(math.exp(mu + sigma * normal.inv_cdf(u)), budget) for u in quantiles]
+
+
+def expected_longest(lengths: list[float], rows: int) -> float:
+    """Expected longest of `rows` independent draws from `lengths` (equally likely): the length a padded batch of
+    that many rows is computed at. P(longest <= i-th smallest) = ((i + 1) / K)^rows."""
+    ordered, count = sorted(lengths), len(lengths)
+    return sum(x * (((i + 1) / count) ** rows - (i / count) ** rows) for i, x in enumerate(ordered))
+
+
+def row_flops(flops_per_token, prompt: float, lengths: list[float], *, packed: bool, padded_rows: int) -> float:
+    """Mean FLOPs of one row: packed, each row its own length; padded, every row at the expected longest of the
+    `padded_rows` rows padded together."""
+    if packed:
+        return sum((prompt + x) * flops_per_token(prompt + x) for x in lengths) / len(lengths)
+    seq = prompt + expected_longest(lengths, padded_rows)
+    return seq * flops_per_token(seq)
+
+
 def predict(cfg: Config, a: CostAssumptions, policy: ModelSpec, genrm: ModelSpec | None, name: str = "") -> Prediction:
     """Phase seconds of one step of `cfg` under `a`; `genrm` None: no GenRM model runs (GRPO, program judge)."""
     gpus = cfg.cluster.world_size
     rollouts = cfg.data.batch_size * cfg.rollout.n
-    response = a.response_tokens_mean or a.response_fraction * cfg.rollout.max_response_tokens
-    response = min(response, cfg.rollout.max_response_tokens)
+    lengths = response_lengths(a, cfg.rollout.max_response_tokens)
+    response = sum(lengths) / len(lengths)
     seq = a.prompt_tokens_mean + response
+    packed = cfg.parallel.max_tokens_per_micro_batch > 0
+    mini_batch_rows = cfg.algorithm.mini_batch_size * cfg.rollout.n
+
+    def flops(per_token, padded_rows: int) -> float:
+        return row_flops(per_token, a.prompt_tokens_mean, lengths, packed=packed, padded_rows=padded_rows)
+
+    logprob_flops = flops(lambda s: forward_flops_per_token(policy, s), rollouts)
+    update_flops = flops(lambda s: train_flops_per_token(policy, s), mini_batch_rows)
     peak = gpus * a.peak_tflops * 1e12
     rate = decode_rate(a, policy, a.rollout_tokens_per_s_per_gpu)
     seconds = {
@@ -195,11 +244,10 @@ def predict(cfg: Config, a: CostAssumptions, policy: ModelSpec, genrm: ModelSpec
             rate=rate,
         ),
         "genrm": 0.0,
-        "logprobs": rollouts * seq * forward_flops_per_token(policy, seq) / (peak * a.logprob_mfu),
+        "logprobs": rollouts * logprob_flops / (peak * a.logprob_mfu),
         "update": cfg.algorithm.ppo_epochs
         * rollouts
-        * seq
-        * train_flops_per_token(policy, seq)
+        * update_flops
         * (4.0 / 3.0 if cfg.parallel.recompute == "full" else 1.0)
         / (peak * a.actor_mfu),
         "weight_sync": 2.0 * policy.num_params / cfg.rollout.tp / (a.weight_sync_gb_per_s * 1e9),
@@ -210,6 +258,8 @@ def predict(cfg: Config, a: CostAssumptions, policy: ModelSpec, genrm: ModelSpec
         "rollout_tokens_per_s_per_gpu": rate,
         "policy_single_sequence_tokens_per_s": single_sequence_rate(a, policy, cfg.rollout.tp),
         "update_gflop_per_token": train_flops_per_token(policy, seq) / 1e9,
+        "update_gflop_per_row": update_flops / 1e9,
+        "packed": packed,
     }
     if genrm is not None:
         judged = a.accuracy * rollouts

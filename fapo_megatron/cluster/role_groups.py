@@ -67,6 +67,10 @@ class PolicyGroup:
         """Checkpoint as `step_<step>`: the trainer's step names checkpoints, not the optimizer's count."""
         self.group.call("save", directory, step, extra_state)
 
+    def finish_checkpoint(self, blocking: bool = True) -> str | None:
+        """Publish a background save (trainer.async_checkpoint) once written; blocking waits for the writers."""
+        return self.group.call("finish_checkpoint", blocking)[0]
+
     def load(self, directory: str) -> dict:
         """The extra state saved with the checkpoint (step, sampler position)."""
         return self.group.call("load", directory)[0]

@@ -4,8 +4,8 @@ A colocated step time-shares each GPU (docs/ARCHITECTURE.md): what each role hol
 phases.RESIDENCY (the rollout engine awake, then the GenRM engine, then the Megatron actor trains, then the
 weight push; whoever is asleep has released its GPU memory: SGLang `release_memory_occupation`, Megatron offloads
 to host). So the plan fits when the largest phase fits. Terms: GB = 1e9 bytes; N = parameter count; t, p, d =
-tensor-, pipeline- and data-parallel sizes; T = tokens of one micro-batch (micro_batch_size x (max prompt + max
-response tokens)).
+tensor-, pipeline- and data-parallel sizes; T = tokens of the largest micro-batch: micro_batch_size x (max prompt +
+max response tokens), or with packing max(parallel.max_tokens_per_micro_batch, one full-length row).
 
 Actor training, first pipeline stage (the one with the most activations in flight under 1F1B):
   params   N_stage/t x 2 bytes (bf16; 4 for fp32)
@@ -202,7 +202,9 @@ def _train_phase(cfg: Config, shape: ModelSpec) -> Phase:
     par, t, p = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp
     phase = Phase("actor train")
     _add_actor(phase, actor_kind_bytes(cfg, shape), "update", cfg)
-    tokens = par.micro_batch_size * (cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    row = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    # packed: a micro-batch holds up to its token budget, and a longer row is a micro-batch of its own
+    tokens = max(par.max_tokens_per_micro_batch, row) if par.max_tokens_per_micro_batch else par.micro_batch_size * row
     sp_div = t if par.sequence_parallel else 1
     replicated = 4 * shape.hidden_size / sp_div
     split = (2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.ffn_hidden_size) / t

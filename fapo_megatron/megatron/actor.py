@@ -86,6 +86,7 @@ class MegatronActor:
         self.optimizer_steps = 0
         """Optimizer steps taken: the LR schedule's position (saved in checkpoints; the trainer's step names them)."""
         self._offloader = StateOffloader(self.ddp, self.optimizer)
+        self.pending_checkpoint = None  # a background save not yet published (megatron.checkpoint.PendingSave)
         if cfg.model.megatron_checkpoint:
             self.load(cfg.model.megatron_checkpoint)
 
@@ -415,8 +416,16 @@ class MegatronActor:
 
         return load_checkpoint(self, directory)
 
+    def finish_checkpoint(self, *, blocking: bool = True) -> Path | None:
+        """Publish a background save once written (megatron.checkpoint.finish_checkpoint); every rank calls it."""
+        from fapo_megatron.megatron.checkpoint import finish_checkpoint
+
+        return finish_checkpoint(self, blocking=blocking)
+
     def close(self) -> None:
-        """Tear down megatron's process groups (the torch.distributed world stays)."""
+        """Wait for a background save, then tear down megatron's process groups (the torch.distributed world
+        stays)."""
+        self.finish_checkpoint()
         mcore.destroy_model_parallel()
 
 

@@ -8,17 +8,21 @@ Layout of a checkpoint root:
                        rng/rank<r>.pt  this rank's RNG states (restored when the layout is unchanged)
                        checksums.json  CRC-32 and size of every file (verified before a load)
 A checkpoint is written into `step_N.tmp` and renamed when every rank has finished, so a crash never leaves a
-half-written checkpoint behind `latest`; loads take the newest complete step folder (checkpoint_files.py), `latest`
-being only a hint. Model weights and optimizer state reshard to any TP/PP/DP on load: the distributed
-optimizer writes megatron's `fully_reshardable` format (each parameter's Adam state as a tensor of that
-parameter's shape, gathered over DP on save). Checkpoints written in the older `dp_reshardable` format (meta.json
-without `optimizer_format`) reshard over DP only; loaded at another TP/PP they restart the moments, and say so.
+half-written checkpoint behind `latest`; with trainer.async_checkpoint a forked process writes the shards while
+training goes on, and the rename (checksums, then the folder, then `latest`) waits until every rank's writer is
+done: finish_checkpoint, called by the next save or load, the trainer after each step and at its end, and
+actor.close. Loads take the newest complete step folder (checkpoint_files.py), `latest` being only a hint.
+Model weights and optimizer state reshard to any TP/PP/DP on load: the distributed optimizer writes megatron's
+`fully_reshardable` format (each parameter's Adam state as a tensor of that parameter's shape, gathered over DP on
+save). Checkpoints written in the older `dp_reshardable` format (meta.json without `optimizer_format`) reshard over DP
+only; loaded at another TP/PP they restart the moments, and say so.
 A checkpoint whose meta.json says `weights_only` (what `fapo-megatron convert hf-to-megatron` writes) holds only the
 model: loading it sets the weights and leaves optimizer, LR schedule, RNG and step as a fresh actor has them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -29,9 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors
 
 from fapo_megatron.lifetime import exit_with_parent
@@ -137,18 +144,42 @@ def _load_optimizer_state(optimizer, state) -> None:
                 opt.optimizer.state[param]["step"] = step
 
 
+@dataclasses.dataclass
+class PendingSave:
+    """A checkpoint whose shards a forked writer is still writing into `tmp`; finish_checkpoint publishes it."""
+
+    request: AsyncRequest
+    writer: multiprocessing.Process | None  # None: this rank has no shard to write
+    root: Path
+    final: Path
+
+
+def save_strategy(actor):
+    """The sharded save strategy trainer.fully_parallel_save names: megatron's default (torch_dist), or that
+    wrapped so the DP ranks split the writing of replicated shards among them."""
+    strategy = get_default_save_sharded_strategy()
+    if actor.cfg.trainer.fully_parallel_save:
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=True)
+    return strategy
+
+
 def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Path:
-    """Write the actor's state under `root` as step_<step> (the trainer's step); returns the checkpoint folder."""
+    """Write the actor's state under `root` as step_<step> (the trainer's step); returns the checkpoint folder.
+
+    With trainer.async_checkpoint the shards are written by a forked process and this returns once it has started:
+    the folder appears (and `latest` names it) when finish_checkpoint sees every rank's writer done. A save first
+    finishes the one before it."""
+    finish_checkpoint(actor)
     root = Path(root)
     final = root / f"step_{step:08d}"
-    tmp = root / (final.name + ".tmp")
+    tmp = _tmp(final)
     rank0 = dist.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     _writer_results_queue_dies_with_this_process()
-    dist_checkpointing.save(_sharded_state(actor, is_loading=False, with_optimizer=True), str(tmp))
     torch_save(_rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
     if rank0:
         meta = {
@@ -161,8 +192,76 @@ def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Pa
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         torch_save(extra_state, tmp / "extra.pt")
+    state = _sharded_state(actor, is_loading=False, with_optimizer=True)
+    if not actor.cfg.trainer.async_checkpoint:
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy(actor))
+        _publish(root, final)
+        return final
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy(actor), async_sharded_save=True)
+    actor.pending_checkpoint = PendingSave(request, _start_writer(request), root, final)
+    return final
+
+
+def _tmp(final: Path) -> Path:
+    return final.parent / (final.name + ".tmp")
+
+
+def _start_writer(request: AsyncRequest) -> multiprocessing.Process | None:
+    """Fork the process that writes this rank's shards. The fork's memory is the state as it is now, so training
+    may change the parameters in place meanwhile; device tensors are first copied to host (megatron's preload)."""
+    if request.async_fn is None:
+        return None
+    args = list(request.async_fn_args)
+    if request.preload_fn is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        args[1] = request.preload_fn()
+    writer = multiprocessing.get_context("fork").Process(
+        target=_write_unless_orphaned, args=(os.getpid(), request.async_fn, args, request.async_fn_kwargs)
+    )
+    writer.start()
+    return writer
+
+
+def _write_unless_orphaned(parent_pid: int, write, args, kwargs) -> None:
+    """The writer stops once its rank is gone (a killed rank's half-written folder is never published)."""
+    exit_with_parent(parent_pid)
+    write(*args, **kwargs)
+
+
+def finish_checkpoint(actor, *, blocking: bool = True) -> Path | None:
+    """Publish the background save once every rank's writer is done (all ranks call this together); returns its
+    folder, or None when none was pending or, not blocking, a writer is still running. A writer that failed
+    raises on every rank and leaves `latest` where it was."""
+    pending = getattr(actor, "pending_checkpoint", None)
+    if pending is None:
+        return None
+    writer = pending.writer
+    if not blocking:
+        running = [writer is not None and writer.is_alive()]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, running)
+        if any(flag for (flag,) in everyone):
+            return None
+    if writer is not None:
+        writer.join()
+    failed = [f"rank {dist.get_rank()}: writer exit code {writer.exitcode}"] if writer and writer.exitcode else []
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failed)
+    actor.pending_checkpoint = None
+    failures = [line for lines in everyone for line in lines]
+    if failures:
+        raise CheckpointError(f"{_tmp(pending.final)}: background checkpoint write failed ({'; '.join(failures)})")
+    for finalize in pending.request.finalize_fns:  # megatron's global metadata (.metadata, metadata.json)
+        finalize()
+    _publish(pending.root, pending.final)
+    return pending.final
+
+
+def _publish(root: Path, final: Path) -> None:
+    """After every rank's files are in `final`.tmp: checksums, the rename that makes the folder complete, then
+    `latest`."""
     dist.barrier()
-    if rank0:
+    if dist.get_rank() == 0:
+        tmp = _tmp(final)
         write_checksums(tmp)
         replaced = root / (final.name + ".old")
         if final.exists():  # the same step saved again: the old copy stays complete until the new one is in place
@@ -174,7 +273,6 @@ def save_checkpoint(actor, root: str | Path, step: int, extra_state: dict) -> Pa
         os.replace(pointer, root / LATEST)
         shutil.rmtree(replaced, ignore_errors=True)
     dist.barrier()
-    return final
 
 
 def _verify_on_rank0(folder: Path) -> None:
@@ -256,6 +354,7 @@ def _load_weights_only(actor, folder: Path, meta: dict) -> dict:
 def load_checkpoint(actor, path: str | Path) -> dict:
     """Restore the actor from a checkpoint (folder or root with `latest`); returns the saved extra state ({} for a
     weights-only checkpoint, which restores the model weights only)."""
+    finish_checkpoint(actor)
     folder = resolve_checkpoint(path)
     _verify_on_rank0(folder)
     meta = json.loads((folder / "meta.json").read_text())

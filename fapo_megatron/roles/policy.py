@@ -195,6 +195,11 @@ class PolicyWorker:
         finally:
             self._enter(before)
 
+    def finish_checkpoint(self, blocking: bool) -> str | None:
+        """Publish a background save once every rank has written it (None: none pending, or still writing)."""
+        folder = self.actor.finish_checkpoint(blocking=blocking)
+        return None if folder is None else str(folder)
+
     def load(self, directory: str) -> dict:
         """Before the first weight push (the engine released): the checkpoint is read into every state tensor, and
         the push's phase offloads what it does not hold."""

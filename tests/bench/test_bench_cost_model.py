@@ -3,6 +3,7 @@ form, the shipped recipes, and the `bench predict` command."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -90,6 +91,51 @@ def test_recompute_ppo_epochs_and_no_genrm():
     two = dataclasses.replace(CFG, algorithm=dataclasses.replace(CFG.algorithm, ppo_epochs=2))
     assert predict(two, HAND, TINY, TINY).seconds["update"] == pytest.approx(2 * 1747.2)
     assert predict(CFG, HAND, TINY, None).seconds["genrm"] == 0.0
+
+
+def _with(cfg, **sections):
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def test_lognormal_lengths_priced_packed_and_padded_against_closed_forms():
+    """Lognormal responses (mean 40, sigma 0.5, budget far above): packed, a row's forward FLOPs average to
+    a (P + m) + b E[(P + L)^2] with E[L^2] = m^2 exp(sigma^2); padded, every row of the update's 4-row mini-batch
+    is computed at P + E[longest of 4] and the log-prob pass's 8 rows at P + E[longest of 8]; for two draws
+    E[max] = 2 m Phi(sigma / sqrt 2)."""
+    from statistics import NormalDist
+
+    from fapo_megatron.bench.cost_model import expected_longest, response_lengths
+
+    sigma, m, p = 0.5, 40.0, 10.0
+    spread = dataclasses.replace(HAND, response_tokens_sigma=sigma)
+    wide = _with(CFG, rollout={"max_response_tokens": 10**6})
+    lengths = response_lengths(spread, 10**6)
+    assert sum(lengths) / len(lengths) == pytest.approx(m, rel=1e-3)
+    assert expected_longest(lengths, 1) == pytest.approx(m, rel=1e-3)
+    assert expected_longest(lengths, 2) == pytest.approx(2 * m * NormalDist().cdf(sigma / 2**0.5), rel=1e-3)
+
+    a, b = 2 * 328, 2 * 2 * 4  # forward FLOPs per token: a + b x sequence length
+    packed = predict(_with(wide, parallel={"max_tokens_per_micro_batch": 256}), spread, TINY, None)
+    second_moment = p * p + 2 * p * m + m * m * math.exp(sigma * sigma)
+    assert packed.seconds["logprobs"] == pytest.approx(8 * (a * (p + m) + b * second_moment) / 500, rel=1e-3)
+    assert packed.seconds["update"] == pytest.approx(8 * 3 * (a * (p + m) + b * second_moment) / 1000, rel=1e-3)
+
+    padded = predict(wide, spread, TINY, None)
+    for phase, rows, rate, train in (("logprobs", 8, 500, 1), ("update", 4, 1000, 3)):
+        seq = p + expected_longest(lengths, rows)
+        assert seq > p + m * 1.3  # the longest of 4 or 8 is well past the mean
+        assert padded.seconds[phase] == pytest.approx(8 * train * seq * (a + b * seq) / rate, rel=1e-9)
+        assert padded.seconds[phase] > packed.seconds[phase]
+
+
+def test_length_spread_capped_at_the_budget_and_zero_spread_is_the_mean():
+    from fapo_megatron.bench.cost_model import response_lengths
+
+    assert response_lengths(HAND, 100) == [40]
+    capped = response_lengths(dataclasses.replace(HAND, response_tokens_sigma=1.5), 100)
+    assert max(capped) == 100 and sum(capped) / len(capped) < 40
+    packed = _with(CFG, parallel={"max_tokens_per_micro_batch": 256})
+    assert predict(packed, HAND, TINY, TINY).seconds == predict(CFG, HAND, TINY, TINY).seconds
 
 
 def test_budget_caps_the_genrm_output():

@@ -94,6 +94,27 @@ def test_lines_match_a_hand_computation():
     assert rollout["KV cache"] == pytest.approx(0.5 * 80 - n * 2 / 1e9)
 
 
+def test_packed_micro_batches_priced_at_their_token_budget_or_one_full_row():
+    """Padded: T = micro_batch_size x (1000 + 1000); packed: the budget, or one 2000-token row when that is
+    longer (it gets a micro-batch of its own)."""
+    base = ["cluster.device=cuda", "cluster.devices_per_node=8", "parallel.tp=2", "sizing.model_shape=qwen2.5-32b"]
+    base += ["rollout.max_prompt_tokens=1000", "rollout.max_response_tokens=1000", "parallel.micro_batch_size=4"]
+    base += ["algorithm.overlong.buffer=500"]
+
+    def train_gb(*overrides):
+        cfg = load_config(None, base + list(overrides))
+        lines = dict((name, gb) for name, gb, _ in estimate(cfg, SHAPES["qwen2.5-32b"], None).phases[0].lines)
+        return lines["activations"], lines["logits"]
+
+    padded = train_gb()
+    vocab = SHAPES["qwen2.5-32b"].vocab_size / 2
+    assert padded[1] == pytest.approx(8000 * vocab * 4 * 2 / 1e9)
+    for budget, tokens in ((3000, 3000), (1500, 2000)):
+        packed = train_gb(f"parallel.max_tokens_per_micro_batch={budget}")
+        assert packed[0] == pytest.approx(padded[0] * tokens / 8000)
+        assert packed[1] == pytest.approx(tokens * vocab * 4 * 2 / 1e9)
+
+
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_gpu_recipe_is_valid_and_fits_80gb(path):
     cfg = load_config(path)

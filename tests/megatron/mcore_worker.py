@@ -162,6 +162,87 @@ def checkpoint() -> None:
     actor.close()
 
 
+SLOW_WRITE_S = 8.0
+
+
+def _slow_shard_writes() -> None:
+    """Every shard file write sleeps SLOW_WRITE_S first (in the forked writers, which inherit this)."""
+    import functools
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write = FileSystemWriterAsync.write_preloaded_data
+
+    @functools.wraps(write)
+    def slowed(*args, **kwargs):
+        time.sleep(SLOW_WRITE_S)
+        return write(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(slowed)
+
+
+def async_checkpoint() -> None:
+    """DP2: the same step saved synchronously and in the background (slowed writers, fully-parallel save); training
+    goes on while it writes, `latest` moves only once it is written, close waits for a pending one; both loads."""
+    import time
+
+    from fapo_megatron.megatron.checkpoint import save_strategy
+    from fapo_megatron.megatron.checkpoint_files import complete_steps, pointer_target
+
+    def on_disk(root: Path) -> dict:
+        target = pointer_target(root)
+        return {"complete": [s for s, _ in complete_steps(root)], "latest": target.name if target else None}
+
+    batch = make_batch()
+    actor = build("qwen2", 1, 1)
+    emit("strategy_default", type(save_strategy(actor)).__name__)
+    actor.train_step(batch)
+    actor.save(WORKDIR / "sync_ckpt", 1, {"data_position": 3})
+    actor.close()
+
+    _slow_shard_writes()
+    root = WORKDIR / "async_ckpt"
+    actor = build("qwen2", 1, 1, **{"trainer.async_checkpoint": "true", "trainer.fully_parallel_save": "true"})
+    strategy = save_strategy(actor)
+    emit(
+        "strategy_parallel",
+        [type(strategy).__name__, torch.distributed.get_world_size(strategy.parallelization_group)],
+    )
+    actor.train_step(batch)
+    start = time.perf_counter()
+    actor.save(root, 1, {"data_position": 3})
+    returned = time.perf_counter() - start
+    while_writing = on_disk(root)
+    actor.train_step(make_batch(1))  # changes the parameters in place while the writers run
+    published = actor.finish_checkpoint()
+    written = time.perf_counter() - start
+    after_finish = on_disk(root)
+    actor.save(root, 2, {"data_position": 5})
+    second_writing = on_disk(root)
+    actor.close()
+    emit(
+        "async_timeline",
+        {
+            "returned_s": returned,
+            "written_s": written,
+            "while_writing": while_writing,
+            "published": published.name,
+            "after_finish": after_finish,
+            "second_writing": second_writing,
+            "after_close": on_disk(root),
+        },
+    )
+    for name, folder in (("sync", WORKDIR / "sync_ckpt"), ("async", root / "step_00000001")):
+        actor = build("qwen2", 1, 1)
+        extra = actor.load(folder)
+        result = {"extra": extra, "weights": exported(actor), "moments": full_moments(actor)}
+        result["next"] = actor.train_step(make_batch(1))
+        result["next_weights"] = exported(actor)
+        emit(f"resumed_{name}", result)
+        actor.close()
+
+
 def crash() -> None:
     """Train one step, checkpoint, then die without any clean-up (as a killed job would)."""
     actor = build("qwen2", 2, 1)
@@ -240,4 +321,5 @@ def actor_options() -> None:
 if __name__ == "__main__":
     scenarios = {"parity": parity, "train": train, "checkpoint": checkpoint, "crash": crash, "restart": restart}
     scenarios.update(non_finite=non_finite, packing=packing, actor_options=actor_options)
+    scenarios.update(async_checkpoint=async_checkpoint)
     scenarios[sys.argv[1]]()

@@ -189,6 +189,37 @@ def test_checkpoint_at_tp2_keeps_adam_moments_at_tp1(results):
         assert diff <= 1e-5, f"{name}: the step after the TP change differs by {diff}"
 
 
+def test_async_checkpoint_writes_in_background_and_resumes_the_same(results):
+    """trainer.async_checkpoint at DP2 with shard writes slowed by 8 s: the save returns long before the files are
+    written, the folder is not complete and `latest` does not name it until then (a second save's neither, up to
+    close, which waits), and a resume from it equals a resume from the synchronous save of the same step, although
+    training changed the parameters while it was written."""
+    slow = 8.0
+    timeline = results("async_checkpoint", 2, "async_timeline")
+    assert timeline["returned_s"] < slow / 2, timeline
+    assert timeline["written_s"] >= slow, timeline
+    assert timeline["while_writing"] == {"complete": [], "latest": None}
+    assert timeline["published"] == "step_00000001"
+    assert timeline["after_finish"] == {"complete": [1], "latest": "step_00000001"}
+    assert timeline["second_writing"] == {"complete": [1], "latest": "step_00000001"}
+    assert timeline["after_close"] == {"complete": [1, 2], "latest": "step_00000002"}
+    sync = results("async_checkpoint", 2, "resumed_sync")
+    resumed = results("async_checkpoint", 2, "resumed_async")
+    assert resumed["extra"] == sync["extra"] == {"data_position": 3}
+    for part in ("weights", "moments", "next_weights"):
+        assert set(resumed[part]) == set(sync[part])
+        for name, tensor in sync[part].items():
+            assert torch.equal(resumed[part][name], tensor), f"{part}/{name} differs after the async save"
+    assert resumed["next"] == sync["next"]
+
+
+def test_fully_parallel_save_builds_megatron_wrapper_over_dp(results):
+    """trainer.fully_parallel_save wraps the torch_dist strategy in megatron's FullyParallelSaveStrategyWrapper over
+    the DP group (2 ranks); off, the plain strategy. (The async test's checkpoint was written through it.)"""
+    assert results("async_checkpoint", 2, "strategy_default") == "TorchDistSaveShardedStrategy"
+    assert results("async_checkpoint", 2, "strategy_parallel") == ["FullyParallelSaveStrategyWrapper", 2]
+
+
 def test_restart_after_kill_continues_exactly(results, workdir):
     uninterrupted = results("checkpoint", 2, "uninterrupted")
     codes = launch_ranks(WORKER, "crash", 2, workdir)

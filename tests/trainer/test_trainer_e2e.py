@@ -138,6 +138,23 @@ def test_resume_matches_uninterrupted_run(fapo_run, warm_policy, tmp_path):
         assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-5, abs=1e-7), key
 
 
+def test_async_checkpoint_run_exits_after_the_write_and_resumes_the_same(fapo_run, warm_policy, tmp_path):
+    """trainer.async_checkpoint: the run ends with its last background save complete (named by `latest`, no .tmp
+    left), and a resume from it takes the same step 3 as the run that never stopped."""
+    out = tmp_path / "async"
+    async_on = "trainer.async_checkpoint=true"
+    _ok(_train(out, warm_policy, "trainer.steps=2", "trainer.checkpoint_interval=1", async_on))
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    _ok(_train(out, warm_policy, "trainer.steps=3", "trainer.checkpoint_interval=2", "trainer.resume=auto", async_on))
+    resumed = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    straight = {r["step"]: r for r in read_metrics(fapo_run / "metrics.jsonl")}
+    for key in ("actor/pg_loss", "reward/mean", "reward/accuracy", "actor/grad_norm"):
+        assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-5, abs=1e-7), key
+    assert (root / "latest").read_text().strip() == "step_00000003"
+
+
 def test_genrm_outage_is_reported_and_policy_applied(warm_policy, tmp_path):
     """An external GenRM that refuses every call: the run goes on and counts each missing verdict."""
     out = tmp_path / "outage"
