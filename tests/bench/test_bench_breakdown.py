@@ -4,6 +4,7 @@ prompt-token replay, and the `bench breakdown` command."""
 import json
 
 import pytest
+from tiny_spec import TINY
 
 from fapo_megatron.bench.breakdown import COLUMNS, breakdown_run, format_table, step_breakdown
 from fapo_megatron.bench.cost_model import CostAssumptions, assumptions_with
@@ -11,20 +12,6 @@ from fapo_megatron.bench.flops import forward_flops_per_token, matmul_params, mf
 from fapo_megatron.cli import main
 from fapo_megatron.config import ConfigError, dump_yaml, load_config
 from fapo_megatron.models.spec import model_spec
-
-# hidden 4, 2 layers, 2 heads of dim 2 (q_dim 4), 1 KV head (kv_dim 2), ffn 8, vocab 10
-TINY = model_spec(
-    {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "intermediate_size": 8,
-        "vocab_size": 10,
-    },
-    "hand",
-)
 
 # batch 4 prompts x n 2 = 8 rollouts per step, 2 devices
 OVERRIDES = [

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from tiny_spec import TINY
 
 from fapo_megatron.bench.cost_model import (
     CostAssumptions,
@@ -18,21 +19,6 @@ from fapo_megatron.bench.cost_model import (
 from fapo_megatron.bench.cost_report import genrm_frontier
 from fapo_megatron.cli import main
 from fapo_megatron.config import ConfigError, load_config
-from fapo_megatron.models.spec import model_spec
-
-# hidden 4, 2 layers, q_dim 4, kv_dim 2, ffn 8, vocab 10, untied: 388 parameters, 328 in matmuls
-TINY = model_spec(
-    {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 4,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "intermediate_size": 8,
-        "vocab_size": 10,
-    },
-    "hand",
-)
 
 # 4 prompts x 2 rollouts = 8 rollouts on 1 node x 2 GPUs; responses up to 100 tokens; GenRM budget 64
 CFG = load_config(
