@@ -8,6 +8,7 @@ next to the worker classes' method names it must match.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
@@ -95,15 +96,21 @@ class GenRMGroup:
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         num = self.group.num_workers
         shards = [list(requests[i] for i in prompt_shard(len(requests), r, num)) for r in range(num)]
-        if self.own_devices:
+        with self._genrm_phase():
             answers = self.group.call_each("judge", [(shard,) for shard in shards])
-            return [verdict for shard in answers for verdict in shard]
+        return [verdict for shard in answers for verdict in shard]
+
+    @contextlib.contextmanager
+    def _genrm_phase(self):
+        """Colocated engines wake for the judge and sleep again after it; on their own pool they stay awake."""
+        if self.own_devices:
+            yield
+            return
         self.group.call("enter", "genrm")
         try:
-            answers = self.group.call_each("judge", [(shard,) for shard in shards])
+            yield
         finally:
             self.group.call("enter", "logprobs")
-        return [verdict for shard in answers for verdict in shard]
 
     def open_stream(self) -> ReplicaVerdictStream | None:
         """A stream for this step's requests as rollouts finish; None when colocated (the replicas can judge only
