@@ -164,6 +164,9 @@ class OptimConfig:
 class RolloutConfig:
     backend: Literal["embedded", "sglang"] = "embedded"
     """Generation engine for the policy: in-process HF (runs anywhere) or SGLang servers (GPU)."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """Time-share the actor's devices, or run the engines in workers of their own on `cluster.rollout_devices`
+    (the actor's rank 0 broadcasts the weights to them after every update)."""
     n: int = 8
     """Rollouts per prompt (the GRPO group size; at least 2, since one rollout's group advantage is always 0)."""
     temperature: float = 1.0
@@ -402,6 +405,10 @@ class TrainerConfig:
     """Validation nucleus mass."""
     progress: bool = True
     """Show a progress bar."""
+    off_policy_steps: int = 0
+    """1: generate step k+1's rollouts while step k trains (needs rollout.placement=separate); the rollouts are then
+    sampled by weights one update behind (perf/staleness), which the engine's log-probs and algorithm.tis_cap
+    correct for. 0: every step samples with the weights of the update before it."""
     answer_check_workers: int = 2
     """Processes that run math-verify on the answers the normaliser cannot settle (each killable on a timeout);
     they run in the trainer process's host while the devices wait, so two keep a 2-core machine responsive."""
@@ -409,6 +416,7 @@ class TrainerConfig:
     def __post_init__(self):
         _check_positive("trainer.steps", self.steps)
         _check_positive("trainer.answer_check_workers", self.answer_check_workers)
+        _check_range("trainer.off_policy_steps", self.off_policy_steps, low=0, high=1)
         _check_range("trainer.checkpoint_interval", self.checkpoint_interval, low=0)
         _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         _check_range("trainer.val_interval", self.val_interval, low=0)
@@ -433,6 +441,8 @@ class ClusterConfig:
     """Actor processes per node (GPUs per node on cuda)."""
     genrm_devices: int = 0
     """Devices of the GenRM's own pool when `genrm.placement=separate`."""
+    rollout_devices: int = 0
+    """Devices of the rollout engines' own pool when `rollout.placement=separate` (a multiple of rollout.tp)."""
     ray_address: str = ""
     """Existing Ray cluster to join; empty starts a local one."""
     master_port: int = 0
@@ -446,6 +456,7 @@ class ClusterConfig:
         _check_positive("cluster.num_nodes", self.num_nodes)
         _check_positive("cluster.devices_per_node", self.devices_per_node)
         _check_range("cluster.genrm_devices", self.genrm_devices, low=0)
+        _check_range("cluster.rollout_devices", self.rollout_devices, low=0)
         _check_range("cluster.master_port", self.master_port, low=0, high=65535)
 
 
@@ -581,6 +592,7 @@ class Config:
         if self.genrm.placement == "separate" and self.genrm.backend in ("embedded", "sglang"):
             if self.cluster.genrm_devices == 0:
                 raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
+        self._check_rollout_placement()
         if (self.algorithm.reward == "genrm_step") != (self.data.format == "genrm_steps"):
             raise ConfigError(
                 f"algorithm.reward={self.algorithm.reward} with data.format={self.data.format}: GenRM training needs "
@@ -592,6 +604,30 @@ class Config:
             raise ConfigError(
                 f"algorithm.overlong.buffer={self.algorithm.overlong.buffer} exceeds "
                 f"rollout.max_response_tokens={self.rollout.max_response_tokens}"
+            )
+
+    def _check_rollout_placement(self) -> None:
+        rollout, devices = self.rollout, self.cluster.rollout_devices
+        if rollout.placement == "colocated":
+            if devices:
+                raise ConfigError(
+                    f"cluster.rollout_devices={devices} is only used with rollout.placement=separate "
+                    "(colocated engines run on the actor's devices)"
+                )
+            if self.trainer.off_policy_steps:
+                raise ConfigError(
+                    f"trainer.off_policy_steps={self.trainer.off_policy_steps} needs rollout.placement=separate "
+                    "(colocated engines share the devices the actor trains on, so nothing can overlap)"
+                )
+            return
+        if devices == 0:
+            raise ConfigError("rollout.placement=separate needs cluster.rollout_devices > 0")
+        if devices % rollout.tp != 0:
+            raise ConfigError(f"rollout.tp={rollout.tp} does not divide the {devices} cluster.rollout_devices")
+        if rollout.sglang_url:
+            raise ConfigError(
+                f"rollout.sglang_url={rollout.sglang_url} attaches to a running server, which no pool of this run "
+                "hosts: rollout.placement=separate launches its own engines on cluster.rollout_devices"
             )
 
     def _check_ddp_and_optimizer(self) -> None:

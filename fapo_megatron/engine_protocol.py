@@ -47,6 +47,9 @@ class Generation:
     """'stop' (EOS or a stop string) or 'length' (max_new_tokens reached)."""
     prompt_token_ids: list[int] = field(default_factory=list)
     """The prompt as the engine tokenized it."""
+    weight_version: int = 0
+    """Weight pushes the engine had taken when it sampled this (0: its initial weights); the trainer's count of
+    pushes minus it is the sample's staleness."""
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")

@@ -1,10 +1,11 @@
-"""The FAPO training loop (Algorithm 1 of the paper, synchronous and colocated).
+"""The FAPO training loop (Algorithm 1 of the paper; synchronous, or one step off-policy with a separate rollout pool).
 
 Per step: a batch of prompts -> n rollouts each -> answer check -> GenRM on the correct answers only -> FAPO
 rewards (+ overlong shaping) -> group advantages -> the actor recomputes log-probs -> PPO/FAPO update over
 mini-batches -> new weights pushed into the rollout engines. Every `val_interval` steps: avg@k validation
 (no GenRM); every `checkpoint_interval` steps: a checkpoint (actor + data position + step).
-`algorithm.name=grpo` runs the same loop with the flaw penalty off (the baseline).
+`algorithm.name=grpo` runs the same loop with the flaw penalty off (the baseline). With `trainer.off_policy_steps=1`
+step k+1's rollouts are sampled (by the weights of step k-1's update) while step k trains.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +51,18 @@ def sampling_params(cfg: Config) -> tuple[SamplingParams, SamplingParams]:
     return rollout, validation
 
 
+@dataclass
+class DrawnBatch:
+    """A step's prompts as drawn, with the sampler position after them (what a checkpoint of that step saves)."""
+
+    items: list
+    prompts: list[list[int]]
+    num_too_long: int
+    position: dict
+    pending: object = None
+    """Off-policy: the rollouts being generated for it (role_groups.PendingGenerations)."""
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -65,13 +79,18 @@ class Trainer:
         self.timer = PhaseTimer()
         self.step = 0
         self.summary: list[dict[str, float]] = []
+        self.sampler_position = self.sampler.state_dict()
+        """Where the sampler stands after the batch trained last (a prefetched batch is drawn again on resume)."""
+        self.weight_version = 0
+        """Weight pushes so far: the version the actor's weights are at between updates."""
+        self._prefetched: DrawnBatch | None = None
 
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> list[dict[str, float]]:
         from fapo_megatron.cluster.pools import ray_session
         from fapo_megatron.cluster.preemption import EXIT_PREEMPTED, install_preemption_handler
-        from fapo_megatron.cluster.role_groups import PolicyGroup
+        from fapo_megatron.cluster.role_groups import PolicyGroup, RolloutGroup
 
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -79,15 +98,23 @@ class Trainer:
         with ray_session(cfg) as session:
             from fapo_megatron.roles.genrm import GenRMWorker
             from fapo_megatron.roles.policy import PolicyWorker
+            from fapo_megatron.roles.rollout import RolloutWorker
 
             self.policy = PolicyGroup(
                 session.worker_group("actor", PolicyWorker, init_args=(to_dict(cfg),), engine_role="rollout")
             )
+            # The one place that decides who generates: the actor ranks' engines, or a rollout pool of its own.
+            self.rollout = self.policy
+            if cfg.rollout.placement == "separate":
+                self.rollout = RolloutGroup(
+                    session.worker_group("rollout", RolloutWorker, init_args=(to_dict(cfg),), engine_role="rollout")
+                )
+                self.rollout.connect(self.policy)
             self.policy.enter_genrm()  # GenRM engines start on devices the rollout engines and actors left
             self.judge = build_judge_for_run(cfg, session, GenRMWorker)
             self._resume()
             with self.timer.phase("weight_sync"):
-                self.policy.sync_weights()  # engines start from the actor's (possibly resumed) weights
+                self._sync_weights()  # engines start from the actor's (possibly resumed) weights
             preemption = install_preemption_handler()
             self.logger = MetricsLogger(self.output_dir, resume_step=self.step)
             bar = _progress(cfg, self.step)
@@ -127,20 +154,17 @@ class Trainer:
     def train_step(self, bar) -> dict[str, float]:
         cfg, timer = self.cfg, self.timer
         start = time.perf_counter()
-        items = self.sampler.next_batch()
-        prompts = [encode_prompt(item, self.data.tokenizer) for item in items]
-        fits = [i for i, p in enumerate(prompts) if len(p) <= cfg.rollout.max_prompt_tokens]
-        num_too_long = len(prompts) - len(fits)
-        items, prompts = [items[i] for i in fits], [prompts[i] for i in fits]
-
         bar.set_postfix_str(f"step {self.step + 1}: rollout")
         stream = self._verdict_stream()
         early = 0
         with timer.phase("rollout"):
+            drawn, chunks = self._rollouts(streamed=stream is not None)
+            items, num_too_long = drawn.items, drawn.num_too_long
+            self.sampler_position = drawn.position
             if stream is None:
-                generations = self.policy.generate(prompts, self.sampling(validation=False))
+                generations = [gen for chunk in chunks for _, gen in chunk]
             else:
-                generations, correct, early = self._generate_and_submit(items, prompts, stream)
+                generations, correct, early = self._generate_and_submit(items, chunks, stream)
             self.policy.enter_genrm()
         pad_id = self.data.tokenizer.pad_token_id
         if stream is None:
@@ -175,9 +199,13 @@ class Trainer:
         bar.set_postfix_str(f"step {self.step + 1}: update")
         with timer.phase("update"):
             update = self.policy.train_step(batch)
+        staleness = self.weight_version - sum(g.weight_version for g in generations) / max(len(generations), 1)
+        if self._prefetched is not None:
+            with timer.phase("rollout"):  # the next step's rollouts must be done before the engines take the push
+                self._prefetched.pending.wait()
         bar.set_postfix_str(f"step {self.step + 1}: weight sync")
         with timer.phase("weight_sync"):
-            sync = self.policy.sync_weights()
+            sync = self._sync_weights()
 
         mask = batch.response_mask.bool()
         response_tokens = int(mask.sum())
@@ -190,7 +218,8 @@ class Trainer:
             float((old_logprobs - batch.rollout_logprobs)[mask].abs().mean()) if response_tokens else 0.0
         )
         metrics["data/prompts_too_long"] = float(num_too_long)
-        metrics["data/epoch"] = float(self.sampler.state_dict().get("epoch", 0))
+        metrics["data/epoch"] = float(self.sampler_position.get("epoch", 0))
+        metrics["perf/staleness"] = staleness
         metrics["weight_sync/bytes"] = max(s["bytes"] for s in sync)
         metrics.update(self.policy.memory_ledger())
         elapsed = time.perf_counter() - start
@@ -206,11 +235,50 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ parts
 
-    def sampling(self, *, validation: bool) -> SamplingParams:
-        """This step's sampling: the run's rollout or validation parameters with this step's seed."""
+    def sampling(self, *, validation: bool, step: int | None = None) -> SamplingParams:
+        """A step's sampling (default this one): the run's rollout or validation parameters with the step's seed."""
+        step = self.step if step is None else step
         if validation:
-            return dataclasses.replace(self.val_params, seed=self.cfg.trainer.seed + VAL_SEED_STRIDE * self.step)
-        return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + self.step)
+            return dataclasses.replace(self.val_params, seed=self.cfg.trainer.seed + VAL_SEED_STRIDE * step)
+        return dataclasses.replace(self.rollout_params, seed=self.cfg.trainer.seed + step)
+
+    def _draw(self) -> DrawnBatch:
+        """The next batch of prompts that fit rollout.max_prompt_tokens (the others counted), tokenized."""
+        items = self.sampler.next_batch()
+        prompts = [encode_prompt(item, self.data.tokenizer) for item in items]
+        fits = [i for i, p in enumerate(prompts) if len(p) <= self.cfg.rollout.max_prompt_tokens]
+        return DrawnBatch(
+            items=[items[i] for i in fits],
+            prompts=[prompts[i] for i in fits],
+            num_too_long=len(prompts) - len(fits),
+            position=self.sampler.state_dict(),
+        )
+
+    def _rollouts(self, *, streamed: bool):
+        """This step's batch and its samples as chunks of (prompt-major position, generation).
+
+        On-policy the batch is drawn and sampled now (streamed: chunks as the engines finish them). With
+        trainer.off_policy_steps=1 it was drawn and sent to the rollout pool during the step before (the first
+        step, or the first after a resume, draws its own), and the next step's batch leaves before this one trains.
+        """
+        if not self.cfg.trainer.off_policy_steps:
+            drawn, params = self._draw(), self.sampling(validation=False)
+            if streamed:
+                return drawn, self.rollout.generate_stream(drawn.prompts, params)
+            return drawn, [list(enumerate(self.rollout.generate(drawn.prompts, params)))]
+        drawn = self._prefetched or self._prefetch(self.step)
+        self._prefetched = self._prefetch(self.step + 1) if self.step + 1 < self.cfg.trainer.steps else None
+        return drawn, [list(enumerate(drawn.pending.result()))]
+
+    def _prefetch(self, step: int) -> DrawnBatch:
+        drawn = self._draw()
+        drawn.pending = self.rollout.generate_async(drawn.prompts, self.sampling(validation=False, step=step))
+        return drawn
+
+    def _sync_weights(self) -> list[dict[str, float]]:
+        sync = self.policy.sync_weights()
+        self.weight_version += 1
+        return sync
 
     def _verdict_stream(self):
         """A stream for this step's verdicts when they can leave during the rollout (genrm.stream with an external
@@ -220,14 +288,14 @@ class Trainer:
             return None
         return open_stream()
 
-    def _generate_and_submit(self, items, prompts, stream):
-        """Rollouts as the engines finish them (`PolicyWorker.generate_stream` through Ray streaming generators):
+    def _generate_and_submit(self, items, chunks, stream):
+        """Rollouts as the engines finish them (`chunks`, e.g. `generate_stream` through Ray streaming generators):
         each one's answer is checked on arrival and, when correct, its judge request leaves at once.
 
         Returns (generations in prompt-major order, correct [N] bool, requests sent before the last rollout came).
         """
         finished, correct_of, sent, early = {}, {}, [], 0
-        for chunk in self.policy.generate_stream(prompts, self.sampling(validation=False)):
+        for chunk in chunks:
             early = len(sent)  # everything sent before this chunk left while generation still ran
             golds = [items[g.prompt_index].ground_truth for _, g in chunk]
             for (position, gen), ok in zip(chunk, self.checker.check([g.text for _, g in chunk], golds)):
@@ -260,7 +328,7 @@ class Trainer:
         if not self.data.val:
             return {}
         prompts = [encode_prompt(item, self.data.tokenizer) for item in self.data.val]
-        generations = self.policy.generate(prompts, self.sampling(validation=True))
+        generations = self.rollout.generate(prompts, self.sampling(validation=True))
         golds = [self.data.val[g.prompt_index].ground_truth for g in generations]
         correct = torch.tensor(self.checker.check([g.text for g in generations], golds), dtype=torch.bool)
         metrics = {"val/accuracy": float(correct.float().mean())}
@@ -286,11 +354,12 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The loop's own state, saved beside the actor's: the step (which names checkpoints) and the data position."""
-        return {"step": self.step, "sampler": self.sampler.state_dict()}
+        return {"step": self.step, "sampler": self.sampler_position}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.sampler_position = self.sampler.state_dict()
 
     def save_checkpoint(self) -> None:
         """Save (with trainer.async_checkpoint: start the background write; the folder is published later), then

@@ -25,6 +25,7 @@ ROLLOUT = "rollout"
 GENRM = "genrm"
 
 ACTOR_POOL = "actor"
+ROLLOUT_POOL = "rollout"
 GENRM_POOL = "genrm"
 GENRM_PORT_OFFSET = 1000
 """GenRM servers listen at rollout.sglang_port + GENRM_PORT_OFFSET + their first GPU's index, above the rollout
@@ -126,22 +127,37 @@ def compute_layout(cfg: Config, cpus_per_gpu: float = 1.0) -> PoolLayout:
     """The pools and rank placements a config asks for.
 
     colocated (default): one pool of num_nodes x devices_per_node bundles; each bundle hosts one actor rank,
-    one rollout shard and (for a model GenRM) one GenRM shard. separate: the GenRM gets a pool of
-    `cluster.genrm_devices` bundles of its own. program / external GenRM: no GenRM workers at all.
+    one rollout shard and (for a model GenRM) one GenRM shard. `rollout.placement=separate`: the rollout engines get
+    a pool of `cluster.rollout_devices` bundles, one worker per replica, and the actor's bundles host no engine.
+    `genrm.placement=separate`: the GenRM gets a pool of `cluster.genrm_devices` bundles of its own. program /
+    external GenRM: no GenRM workers at all.
     """
     cluster = cfg.cluster
     bundle = bundle_resources(cluster.device, cpus_per_gpu)
     world = cluster.world_size
     genrm_on_devices = cfg.genrm.backend in _GENRM_DEVICE_BACKENDS
     genrm_colocated = genrm_on_devices and cfg.genrm.placement == "colocated"
+    rollout_colocated = cfg.rollout.placement == "colocated"
 
-    actor_roles = (ACTOR, ROLLOUT, GENRM) if genrm_colocated else (ACTOR, ROLLOUT)
+    actor_roles = (ACTOR,) + ((ROLLOUT,) if rollout_colocated else ()) + ((GENRM,) if genrm_colocated else ())
     pools = {ACTOR_POOL: _pool_spec(ACTOR_POOL, world, bundle, cluster.devices_per_node, actor_roles)}
-    placements = {role: _spread(role, ACTOR_POOL, world) for role in (ACTOR, ROLLOUT)}
+    placements = {ACTOR: _spread(ACTOR, ACTOR_POOL, world)}
     actor_devices = "actor devices (cluster.num_nodes x devices_per_node)"
-    engines = {
-        ROLLOUT: _engines("rollout.tp", cfg.rollout.tp, pools[ACTOR_POOL], cfg.rollout.sglang_port, actor_devices)
-    }
+    engines = {}
+    if rollout_colocated:
+        placements[ROLLOUT] = _spread(ROLLOUT, ACTOR_POOL, world)
+        engines[ROLLOUT] = _engines(
+            "rollout.tp", cfg.rollout.tp, pools[ACTOR_POOL], cfg.rollout.sglang_port, actor_devices
+        )
+    else:
+        num = cluster.rollout_devices
+        if num == 0:
+            raise ConfigError("rollout.placement=separate needs cluster.rollout_devices > 0")
+        pools[ROLLOUT_POOL] = _pool_spec(ROLLOUT_POOL, num, bundle, cluster.devices_per_node, (ROLLOUT,))
+        engines[ROLLOUT] = _engines(
+            "rollout.tp", cfg.rollout.tp, pools[ROLLOUT_POOL], cfg.rollout.sglang_port, "cluster.rollout_devices"
+        )
+        placements[ROLLOUT] = _replica_placements(ROLLOUT, ROLLOUT_POOL, engines[ROLLOUT])
 
     genrm_port = cfg.rollout.sglang_port + GENRM_PORT_OFFSET
     if genrm_on_devices and not genrm_colocated:
@@ -150,11 +166,10 @@ def compute_layout(cfg: Config, cpus_per_gpu: float = 1.0) -> PoolLayout:
             raise ConfigError("genrm.placement=separate needs cluster.genrm_devices > 0")
         pools[GENRM_POOL] = _pool_spec(GENRM_POOL, num, bundle, cluster.devices_per_node, (GENRM,))
         engines[GENRM] = _engines("genrm.tp", cfg.genrm.tp, pools[GENRM_POOL], genrm_port, "cluster.genrm_devices")
+        placements[GENRM] = _replica_placements(GENRM, GENRM_POOL, engines[GENRM])
     elif genrm_colocated:
         engines[GENRM] = _engines("genrm.tp", cfg.genrm.tp, pools[ACTOR_POOL], genrm_port, actor_devices)
-    if GENRM in engines:
-        pool = GENRM_POOL if GENRM_POOL in pools else ACTOR_POOL
-        placements[GENRM] = [Placement(role=GENRM, rank=e.replica, pool=pool, bundle=e.bundle) for e in engines[GENRM]]
+        placements[GENRM] = _replica_placements(GENRM, ACTOR_POOL, engines[GENRM])
     return PoolLayout(device=cluster.device, pools=pools, placements=placements, engines=engines)
 
 
@@ -194,6 +209,11 @@ def _pool_spec(name: str, num: int, bundle: dict[str, float], per_node: int, rol
 
 def _spread(role: str, pool: str, num: int) -> list[Placement]:
     return [Placement(role=role, rank=rank, pool=pool, bundle=rank) for rank in range(num)]
+
+
+def _replica_placements(role: str, pool: str, engines: list[EnginePlacement]) -> list[Placement]:
+    """One worker per engine replica, on the replica's first bundle."""
+    return [Placement(role=role, rank=e.replica, pool=pool, bundle=e.bundle) for e in engines]
 
 
 def _engines(key: str, tp: int, pool: PoolSpec, base_port: int, what: str) -> list[EnginePlacement]:

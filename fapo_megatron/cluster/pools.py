@@ -63,13 +63,15 @@ class RaySession:
         """A WorkerGroup of `role` on the pool and bundles the layout gives it; shut down with the session.
 
         `engine_role` (rollout, genrm): every rank gets the keyword `engine`, the EnginePlacement of the replica
-        it hosts (None for a rank that hosts none)."""
+        it hosts (None for a rank that hosts none, so for every rank when that role's engines have a pool of their
+        own)."""
         spec = self.layout.pool_of(role)
         placements = self.layout.placements[role]
         num = num_workers if num_workers is not None else len(placements)
         rank_kwargs = None
         if engine_role:
-            hosted = {e.bundle: e for e in self.layout.engines[engine_role]}
+            on_this_pool = self.layout.pool_of(engine_role) is spec
+            hosted = {e.bundle: e for e in self.layout.engines[engine_role]} if on_this_pool else {}
             rank_kwargs = [{"engine": hosted.get(p.bundle)} for p in placements[:num]]
         group = WorkerGroup(
             role,

@@ -1,7 +1,9 @@
-"""Typed groups of the two worker roles: one method per remote call, with the result's type.
+"""Typed groups of the worker roles: one method per remote call, with the result's type.
 
-`PolicyGroup` drives the roles.policy.PolicyWorker ranks, `GenRMGroup` the roles.genrm.GenRMWorker replicas (it is
-the run's Judge; on a pool of its own it also takes a step's requests as rollouts finish, `ReplicaVerdictStream`).
+`PolicyGroup` drives the roles.policy.PolicyWorker ranks, `RolloutGroup` the roles.rollout.RolloutWorker replicas of a
+separate rollout pool, `GenRMGroup` the roles.genrm.GenRMWorker replicas (it is the run's Judge; on a pool of its own
+it also takes a step's requests as rollouts finish, `ReplicaVerdictStream`). PolicyGroup and RolloutGroup generate
+alike (`Generating`): the trainer asks whichever hosts the engines.
 The trainer and run_setup call these methods; dispatch by method name (`WorkerGroup.call`) stays inside cluster/,
 next to the worker classes' method names it must match.
 """
@@ -25,24 +27,50 @@ from fapo_megatron.genrm.prompt import split_steps
 from fapo_megatron.genrm.types import JudgeRequest, Verdict, VerdictStatus
 
 
-class PolicyGroup:
-    """Every rank runs every call (the actor's collectives need all of them); rank 0's result stands for all."""
+class Generating:
+    """Generation over workers that each host an engine replica's share (roles.rollout.EngineShard) or none."""
 
-    def __init__(self, group: WorkerGroup):
-        self.group = group
+    group: WorkerGroup
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        """Each engine rank samples its share; the samples come back prompt-major, so groups stay contiguous."""
-        generations = [g for shard in self.group.call("generate", prompts, params) for g in shard]
-        generations.sort(key=lambda g: g.prompt_index)
-        return generations
+        """Each engine samples its share; the samples come back prompt-major, so groups stay contiguous."""
+        return self.generate_async(prompts, params).result()
+
+    def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> PendingGenerations:
+        """`generate` started: the workers sample while the caller goes on (trainer.off_policy_steps)."""
+        return PendingGenerations(self.group, self.group.call_async("generate", prompts, params))
 
     def generate_stream(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> Iterator[list[tuple[int, Generation]]]:
         """`generate` as the engines finish samples: chunks of (prompt-major position, generation), from whichever
-        rank yields first (`PolicyWorker.generate_stream` over `WorkerGroup.stream`)."""
+        worker yields first (`generate_stream` of the workers over `WorkerGroup.stream`)."""
         return self.group.stream("generate_stream", prompts, params)
+
+
+class PendingGenerations:
+    """Samples being generated; `result()` waits for them (prompt-major, as `generate` returns them)."""
+
+    def __init__(self, group: WorkerGroup, refs: list[ray.ObjectRef]):
+        self.group, self.refs = group, refs
+
+    def wait(self) -> None:
+        """Block until every worker is done, without fetching the samples."""
+        ray.wait(self.refs, num_returns=len(self.refs))
+
+    def result(self) -> list[Generation]:
+        generations = [g for shard in self.group.get(self.refs, "generate") for g in shard]
+        generations.sort(key=lambda g: g.prompt_index)
+        return generations
+
+
+class PolicyGroup(Generating):
+    """Every rank runs every call (the actor's collectives need all of them); rank 0's result stands for all."""
+
+    def __init__(self, group: WorkerGroup):
+        self.group = group
+        self.receivers: RolloutGroup | None = None
+        """The rollout workers a separate pool's weight pushes go to (set by RolloutGroup.connect)."""
 
     def enter_genrm(self) -> None:
         """The rollout engines give their device memory back for the GenRM phase; the actors stay off it."""
@@ -56,8 +84,14 @@ class PolicyGroup:
         return self.group.call("train_step", batch)[0]
 
     def sync_weights(self) -> list[dict[str, float]]:
-        """Per rank: seconds, bytes and buckets pushed into its engine (0 bytes on ranks without one)."""
-        return self.group.call("sync_weights")
+        """Per rank: seconds, bytes and buckets pushed into its engine (0 bytes on ranks without one); with a
+        separate rollout pool rank 0 broadcasts them and every rollout worker takes them, once its current
+        generation is done."""
+        receiving = self.receivers.receive_weights_async() if self.receivers is not None else None
+        sync = self.group.call("sync_weights")
+        if receiving is not None:
+            self.receivers.group.get(receiving, "receive_weights")
+        return sync
 
     def memory_ledger(self) -> dict[str, float]:
         """Per key, the most any rank held (`memory/<phase>/...` since the last call)."""
@@ -75,6 +109,30 @@ class PolicyGroup:
     def load(self, directory: str) -> dict:
         """The extra state saved with the checkpoint (step, sampler position)."""
         return self.group.call("load", directory)[0]
+
+
+class RolloutGroup(Generating):
+    """The rollout engines on a pool of their own (`rollout.placement=separate`): one worker per replica."""
+
+    def __init__(self, group: WorkerGroup):
+        self.group = group
+
+    def connect(self, policy: PolicyGroup) -> None:
+        """Open the side group of weight pushes (actor rank 0 and every rollout worker join at once) and have
+        `policy.sync_weights` push through it."""
+        address, port = policy.group.call_rank(0, "weight_broadcast_address")
+        world = 1 + self.group.num_workers
+        joining = [
+            self.group.call_rank_async(r, "join_weight_broadcast", address, port, world, r + 1)
+            for r in range(self.group.num_workers)
+        ]
+        policy.group.call_rank(0, "join_weight_broadcast", address, port, world)
+        self.group.get(joining, "join_weight_broadcast")
+        policy.receivers = self
+
+    def receive_weights_async(self) -> list[ray.ObjectRef]:
+        """Every worker takes the next push (queued behind a generation under way); collect with group.get."""
+        return self.group.call_async("receive_weights")
 
 
 class GenRMGroup:

@@ -2,7 +2,8 @@
 
 Terms: the *job* is one sbatch allocation; a *chain* is several jobs of one long run, each resuming from the
 checkpoint of the one before (`--dependency=afterany` jobs, or a job array run one element at a time).
-Actor nodes are `cluster.num_nodes`; a GenRM on a pool of its own adds ceil(genrm_devices / devices_per_node).
+Actor nodes are `cluster.num_nodes`; a GenRM on a pool of its own adds ceil(genrm_devices / devices_per_node), rollout
+engines on a pool of their own ceil(rollout_devices / devices_per_node).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ NODE_RESOURCE_PREFIX = "fapo_node:"
 
 
 def job_num_nodes(cfg: Config) -> int:
-    """Nodes the job needs: the actor pool plus a separate GenRM pool when there is one."""
-    genrm_nodes = 0
-    if cfg.genrm.placement == "separate" and cfg.cluster.genrm_devices > 0:
-        genrm_nodes = math.ceil(cfg.cluster.genrm_devices / cfg.cluster.devices_per_node)
-    return cfg.cluster.num_nodes + genrm_nodes
+    """Nodes the job needs: the actor pool plus the separate GenRM and rollout pools when there are any."""
+    cluster = cfg.cluster
+    genrm_nodes = rollout_nodes = 0
+    if cfg.genrm.placement == "separate" and cluster.genrm_devices > 0:
+        genrm_nodes = math.ceil(cluster.genrm_devices / cluster.devices_per_node)
+    if cfg.rollout.placement == "separate":
+        rollout_nodes = math.ceil(cluster.rollout_devices / cluster.devices_per_node)
+    return cluster.num_nodes + genrm_nodes + rollout_nodes
 
 
 def sbatch_directives(cfg: Config) -> list[str]:

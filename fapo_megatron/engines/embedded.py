@@ -190,6 +190,7 @@ class EmbeddedEngine(Engine):
                 logprobs=logprobs[b],
                 finish_reason=finish[b] or "length",
                 prompt_token_ids=list(ids),
+                weight_version=self.weight_version,
             )
 
         for _ in range(budget):

@@ -510,7 +510,16 @@ class SGLangEngine(Engine):
             logprobs=[float(t[0]) for t in triples],
             finish_reason=kind,
             prompt_token_ids=prompt_ids,
+            weight_version=self._sampled_version(meta),
         )
+
+    def _sampled_version(self, meta: dict) -> int:
+        """The weight version the server reports it sampled with (meta_info "weight_version": "default" until a
+        push names one; our pushes name them 1, 2, ...); the engine's own count where a server reports none."""
+        served = meta.get("weight_version")
+        if served is None:
+            return self.weight_version
+        return int(served) if str(served).isdigit() else 0
 
     def _recover(self) -> None:
         """After the server stopped answering: restart an owned, dead server; otherwise say clearly what failed."""

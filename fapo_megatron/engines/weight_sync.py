@@ -138,3 +138,44 @@ def init_custom_process_group(
     )
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def send_buckets(buckets: Iterable[WeightBucket], group, device: torch.device) -> None:
+    """Broadcast a whole weight push from rank 0 of `group` to every other rank (`receive_buckets`): per bucket its
+    layout (names, shapes, dtypes, offsets: a pickled byte tensor after its length), then one flat tensor per dtype;
+    a zero length ends the push. The receivers need to know nothing in advance."""
+    for bucket in buckets:
+        groups = flatten_bucket([(name, tensor.to(device)) for name, tensor in bucket])
+        _broadcast_bytes(pickle.dumps([metadata for _, metadata in groups]), group, device)
+        for flat, _ in groups:
+            torch.distributed.broadcast(flat, group=group, group_src=0)
+    _broadcast_bytes(b"", group, device)
+
+
+def receive_buckets(group, device: torch.device) -> Iterator[WeightBucket]:
+    """The buckets `send_buckets` broadcasts, as they arrive (feed them to an engine's update_weights)."""
+    while True:
+        layout = _broadcast_bytes(None, group, device)
+        if not layout:
+            return
+        bucket: WeightBucket = []
+        for metadata in pickle.loads(layout):
+            flat = torch.empty(metadata[-1].end_idx, dtype=metadata[0].dtype, device=device)
+            torch.distributed.broadcast(flat, group=group, group_src=0)
+            bucket += unflatten_bucket(flat, metadata)
+        yield bucket
+
+
+def _broadcast_bytes(payload: bytes | None, group, device: torch.device) -> bytes:
+    """Rank 0 sends `payload`, the others (payload None) get it: its length, then its bytes."""
+    length = torch.tensor([0 if payload is None else len(payload)], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(length, group=group, group_src=0)
+    size = int(length.item())
+    if size == 0:
+        return b""
+    if payload is None:
+        data = torch.empty(size, dtype=torch.uint8, device=device)
+    else:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    torch.distributed.broadcast(data, group=group, group_src=0)
+    return payload if payload is not None else data.cpu().numpy().tobytes()

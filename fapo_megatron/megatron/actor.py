@@ -45,6 +45,18 @@ _SUM_METRICS = ("pg_loss", "kl_loss", "entropy_loss", "local_num_tokens", "local
 _MAX_METRICS = ("tis_ratio_max",)
 
 
+def policy_hf_config(cfg: Config) -> dict:
+    """The policy's HF config: model.path's config.json, else the Megatron checkpoint's, else the random tiny one
+    (also what a rollout engine on its own pool builds its model from)."""
+    if cfg.model.path:
+        return json.loads((Path(cfg.model.path) / "config.json").read_text())
+    if cfg.model.megatron_checkpoint:
+        from fapo_megatron.megatron.checkpoint import checkpoint_hf_config
+
+        return checkpoint_hf_config(cfg.model.megatron_checkpoint)
+    return tiny_hf_config(cfg.model.tiny)
+
+
 class MegatronActor:
     """The trained policy on this rank. Build it on every rank of the job with the same `cfg`."""
 
@@ -53,15 +65,7 @@ class MegatronActor:
         par = cfg.parallel
         platform.setup(cfg.cluster.device)
         self.layout = mcore.init_model_parallel(par.tp, par.pp, cfg.trainer.seed)
-        if hf_config is None and cfg.model.path:
-            hf_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
-        elif hf_config is None and cfg.model.megatron_checkpoint:
-            from fapo_megatron.megatron.checkpoint import checkpoint_hf_config
-
-            hf_config = checkpoint_hf_config(cfg.model.megatron_checkpoint)
-        elif hf_config is None:
-            hf_config = tiny_hf_config(cfg.model.tiny)
-        self.hf_config = hf_config
+        self.hf_config = policy_hf_config(cfg) if hf_config is None else hf_config
         self.spec = model_spec(hf_config)
         self.backend = registry.resolve_backend("auto")
         """The layer spec built (local or Transformer Engine); the HF name map follows it."""

@@ -1,17 +1,18 @@
-"""One rank of the colocated policy: a Megatron actor shard plus a rollout engine replica on the same device.
+"""One rank of the policy: a Megatron actor shard plus, colocated, a rollout engine replica on the same device.
 
 The trainer drives a group of these (one per device, through cluster.WorkerGroup). Every rank takes part in
-the actor's collectives; the ranks that host an engine (every `rollout.tp`-th rank) also generate, each for its
-share of the prompts, and take the actor's weights after every update. Engines and the actor time-share the
-device: every method below enters its phase through phases.RESIDENCY (the actor's kinds when
-parallel.offload_actor, the engine's memory parts always), freeing first, then bringing back, so no second ordering
-exists. Each phase's resident bytes form the memory ledger.
+the actor's collectives; colocated, the ranks that host an engine (every `rollout.tp`-th rank) also generate, each
+for its share of the prompts, and take the actor's weights after every update. With `rollout.placement=separate`
+no rank hosts an engine: rank 0 broadcasts each pushed bucket to the RolloutWorkers (roles/rollout.py) instead.
+Engines and the actor time-share the device: every method below enters its phase through phases.RESIDENCY (the
+actor's kinds when parallel.offload_actor, the engine's memory parts always; a separate pool's engines are not
+here, so only the actor's column applies), freeing first, then bringing back, so no second ordering exists. Each
+phase's resident bytes form the memory ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
@@ -20,56 +21,12 @@ import torch
 from fapo_megatron.algo.batch import TrainBatch
 from fapo_megatron.cluster.placement import EnginePlacement
 from fapo_megatron.config import Config, from_dict
-from fapo_megatron.data.sampler import prompt_shard
 from fapo_megatron.data.templates import load_tokenizer
 from fapo_megatron.engine_protocol import MEMORY_TAGS, Engine, Generation, SamplingParams
+from fapo_megatron.engines.weight_sync import send_buckets
 from fapo_megatron.megatron import platform
 from fapo_megatron.phases import RESIDENCY, actor_holds
-
-
-def build_rollout_engine(cfg: Config, hf_config: dict, tokenizer, *, rank: int, engine: EnginePlacement) -> Engine:
-    """The policy's generation engine on the devices and port placement gave it (`engine`); it starts with the
-    actor's weights after the first `sync_weights`."""
-    rollout = cfg.rollout
-    if rollout.backend == "sglang":
-        from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
-
-        common = dict(
-            tokenizer=tokenizer, bucket_mb=rollout.weight_sync_bucket_mb, request_timeout_s=rollout.request_timeout_s
-        )
-        if rollout.sglang_url:
-            return SGLangEngine(url=rollout.sglang_url, tp_size=rollout.tp, **common)
-        if not cfg.model.path:
-            raise ValueError("rollout.backend=sglang needs model.path (an HF checkpoint the server loads)")
-        server = SGLangServerArgs(
-            model_path=cfg.model.path,
-            tp_size=rollout.tp,
-            mem_fraction_static=rollout.mem_fraction,
-            port=engine.port,
-            base_gpu_id=engine.base_gpu_id,
-            random_seed=cfg.trainer.seed + rank,
-            dtype=cfg.model.dtype,
-            enable_deterministic_inference=rollout.deterministic_inference,
-        )
-        rank_devices = [torch.device("cuda", gpu) for gpu in engine.gpu_ids] if _device(cfg) == "cuda" else None
-        return SGLangEngine(server=server, rank_devices=rank_devices, **common)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fapo_megatron.engines.embedded import EmbeddedEngine
-
-    if cfg.model.path:
-        return EmbeddedEngine(cfg.model.path, tokenizer=tokenizer, device=_device(cfg), dtype=_dtype(cfg))
-    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config["model_type"], **fields))
-    return EmbeddedEngine(model=model, tokenizer=tokenizer, device=_device(cfg), dtype=_dtype(cfg))
-
-
-def _device(cfg: Config) -> str:
-    return "cuda" if cfg.cluster.device == "cuda" else "cpu"
-
-
-def _dtype(cfg: Config) -> torch.dtype:
-    return getattr(torch, cfg.model.dtype)
+from fapo_megatron.roles.rollout import EngineShard, build_rollout_engine, free_port, join_weight_group, weight_device
 
 
 def engine_ranks(world_size: int, rollout_tp: int) -> list[int]:
@@ -90,9 +47,14 @@ class PolicyWorker:
         torch.manual_seed(self.cfg.trainer.seed)
         self.actor = MegatronActor(self.cfg)
         self._ledger: dict[str, float] = {}
-        self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp)
+        self.master_addr = dist_env.master_addr
+        colocated = self.cfg.rollout.placement == "colocated"
+        self.engine_ranks = engine_ranks(self.world_size, self.cfg.rollout.tp) if colocated else []
         self.engine: Engine | None = None
+        self.shard: EngineShard | None = None
         self._engine_held: set[str] = set()
+        self._weight_group = None
+        """Separate rollout pool, rank 0: the side group the pushed buckets are broadcast on."""
         self._enter("rollout")  # the actor leaves the device before the engine sizes its memory
         if self.rank in self.engine_ranks:
             self.engine = build_rollout_engine(
@@ -100,51 +62,23 @@ class PolicyWorker:
             )
             self.engine.start()
             self._engine_held = set(MEMORY_TAGS)
+            self.shard = EngineShard(self.engine, self.engine_ranks.index(self.rank), len(self.engine_ranks))
 
     # ------------------------------------------------------------------------------------------ rollout
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """This rank's engine samples its share of `prompts`; prompt_index refers to the full list."""
-        shard = self._shard(len(prompts))
         with self._phase("rollout"):
-            if not shard:
-                return []
-            generations = self.engine.generate(self._prompts(prompts, shard), self._shard_params(params, shard))
-        for gen in generations:
-            gen.prompt_index += shard.start
-        return generations
+            return [] if self.shard is None else self.shard.generate(prompts, params)
 
     def generate_stream(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> Iterator[list[tuple[int, Generation]]]:
-        """`generate`, reporting samples as the engine finishes them: chunks of (position, generation) where
-        position is the sample's index in the step's prompt-major list (shards are contiguous, so it is the shard's
-        first row plus the engine's own position). Run through `WorkerGroup.stream`, the trainer sees each chunk
-        while this rank still generates; the samples are those `generate` gives."""
-        shard = self._shard(len(prompts))
-        first_row = shard.start * params.n
+        """`generate`, reporting samples as the engine finishes them (EngineShard.generate_stream). Run through
+        `WorkerGroup.stream`, the trainer sees each chunk while this rank still generates."""
         with self._phase("rollout"):
-            if not shard:
-                return
-            chunks = self.engine.generate_stream(self._prompts(prompts, shard), self._shard_params(params, shard))
-            for chunk in chunks:
-                for _, gen in chunk:
-                    gen.prompt_index += shard.start
-                yield [(first_row + position, gen) for position, gen in chunk]
-
-    def _shard(self, num_prompts: int) -> range:
-        """This rank's prompts (empty on ranks without an engine)."""
-        if self.engine is None:
-            return range(0)
-        return prompt_shard(num_prompts, self.engine_ranks.index(self.rank), len(self.engine_ranks))
-
-    @staticmethod
-    def _prompts(prompts: Sequence[Sequence[int]], shard: range) -> list[list[int]]:
-        return [list(prompts[i]) for i in shard]
-
-    @staticmethod
-    def _shard_params(params: SamplingParams, shard: range) -> SamplingParams:
-        return dataclasses.replace(params, seed=None if params.seed is None else params.seed + shard.start)
+            if self.shard is not None:
+                yield from self.shard.generate_stream(prompts, params)
 
     def enter_genrm(self) -> None:
         """After the rollout: the engine gives its device memory back for the GenRM phase (the judge runs elsewhere:
@@ -177,13 +111,23 @@ class PolicyWorker:
             held = self.actor.resident_bytes()
             self._ledger["memory/weight_sync/actor_grads_optimizer_bytes"] = float(held["grads"] + held["optimizer"])
             buckets = counted(self.actor.export_hf_weights(self.cfg.rollout.weight_sync_bucket_mb << 20))
-            if self.engine is None:
+            if self._weight_group is not None:
+                send_buckets(buckets, self._weight_group, weight_device(self.cfg))
+            elif self.engine is not None:
+                self.engine.update_weights(buckets)
+            else:
                 for _ in buckets:  # every rank takes part in the gathers
                     pass
-            else:
-                self.engine.update_weights(buckets)
         self._enter("rollout")
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(sizes)), "buckets": float(len(sizes))}
+
+    def weight_broadcast_address(self) -> tuple[str, int]:
+        """Rank 0: where the rollout workers meet it for weight pushes (its node, a free port there)."""
+        return self.master_addr, free_port()
+
+    def join_weight_broadcast(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0, separate rollout pool: join the side group as its rank 0 (every RolloutWorker joins beside)."""
+        self._weight_group = join_weight_group(self.cfg, address, port, world_size, rank=0)
 
     def save(self, directory: str, step: int, extra_state: dict) -> str:
         """Checkpoint in the table's checkpoint phase (no gradients; the engine keeps only its weights), then back

@@ -472,7 +472,7 @@ def _placement(gpu_ids=(0,), port=30000):
 def test_launch_commands_carry_the_flags_each_role_needs(tmp_path, deterministic):
     from fapo_megatron.config import Config, from_dict
     from fapo_megatron.roles.genrm import build_genrm_engine
-    from fapo_megatron.roles.policy import build_rollout_engine
+    from fapo_megatron.roles.rollout import build_rollout_engine
 
     cfg = from_dict(
         Config,
@@ -496,7 +496,7 @@ def test_a_colocated_tp2_server_gets_each_ranks_payload_from_that_ranks_gpu(tmp_
     """SGLang's TP rank r reads serialized_named_tensors[r] on its own GPU: placement's GPUs become the payload
     devices, in rank order (on CPU runs every payload stays where the bucket is)."""
     from fapo_megatron.config import Config, from_dict
-    from fapo_megatron.roles.policy import build_rollout_engine
+    from fapo_megatron.roles.rollout import build_rollout_engine
 
     def build(device):
         cfg = from_dict(
