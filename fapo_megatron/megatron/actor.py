@@ -66,7 +66,7 @@ class MegatronActor:
         platform.setup(cfg.cluster.device)
         self.layout = mcore.init_model_parallel(par.tp, par.pp, cfg.trainer.seed)
         self.hf_config = policy_hf_config(cfg) if hf_config is None else hf_config
-        self.spec = model_spec(hf_config)
+        self.spec = model_spec(self.hf_config)
         self.backend = registry.resolve_backend("auto")
         """The layer spec built (local or Transformer Engine); the HF name map follows it."""
         self.mapping = hf_mapping.MappingSpec.for_tp(
