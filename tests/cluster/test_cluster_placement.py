@@ -91,6 +91,70 @@ def test_sizes_that_do_not_divide_are_named():
         _layout("cluster.genrm_devices=3", "genrm.backend=embedded", "genrm.placement=separate", "genrm.tp=2")
 
 
+def test_cuda_separate_rollout_pool_holds_the_engines_and_the_actor_pool_none():
+    layout = _layout(
+        "cluster.device=cuda",
+        "cluster.devices_per_node=4",
+        "rollout.placement=separate",
+        "cluster.rollout_devices=8",
+        "rollout.tp=2",
+        "rollout.sglang_port=31000",
+        "genrm.backend=sglang",
+        "genrm.placement=separate",
+        "cluster.genrm_devices=2",
+    )
+    assert sorted(layout.pools) == ["actor", "genrm", "rollout"]
+    actor, rollout = layout.pools["actor"], layout.pools["rollout"]
+    assert (actor.num_bundles, actor.roles, actor.share) == (4, ("actor",), 1.0)
+    assert (rollout.num_bundles, rollout.bundles_per_node, rollout.num_nodes, rollout.strategy) == (8, 4, 2, "PACK")
+    assert (rollout.roles, rollout.share, rollout.bundle) == (("rollout",), 1.0, {"GPU": 1.0, "CPU": 1.0})
+    # One RolloutWorker per tp=2 replica, on the replica's first bundle of the rollout pool, never the actor's.
+    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["rollout"]] == [
+        (r, "rollout", 2 * r) for r in range(4)
+    ]
+    assert layout.pool_of("rollout") is rollout and layout.pool_of("actor") is actor
+    engines = layout.engines["rollout"]
+    assert [(e.node, e.base_gpu_id, e.gpu_ids, e.port) for e in engines] == [
+        (0, 0, (0, 1), 31000),
+        (0, 2, (2, 3), 31002),
+        (1, 0, (0, 1), 31000),
+        (1, 2, (2, 3), 31002),
+    ]
+    assert [e.port for e in layout.engines["genrm"]] == [32000, 32001]  # GenRM servers stay above the rollout ones
+
+
+def test_cpu_separate_rollout_pool_of_one_engine():
+    layout = _layout("cluster.devices_per_node=2", "rollout.placement=separate", "cluster.rollout_devices=1")
+    assert layout.pools["actor"].roles == ("actor",) and layout.pools["rollout"].num_bundles == 1
+    assert [(p.rank, p.pool, p.bundle) for p in layout.placements["rollout"]] == [(0, "rollout", 0)]
+    assert layout.num_workers("actor") == 2 and layout.num_workers("rollout") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.placement=separate"], r"rollout.placement=separate needs cluster.rollout_devices > 0"),
+        (
+            ["rollout.placement=separate", "cluster.rollout_devices=3", "rollout.tp=2"],
+            r"rollout.tp=2 does not divide the 3 cluster.rollout_devices",
+        ),
+        (
+            ["rollout.placement=separate", "cluster.rollout_devices=2", "rollout.sglang_url=http://127.0.0.1:1"],
+            r"rollout.sglang_url=http://127.0.0.1:1 attaches to a running server",
+        ),
+        (["cluster.rollout_devices=2"], r"cluster.rollout_devices=2 is only used with rollout.placement=separate"),
+        (["trainer.off_policy_steps=1"], r"trainer.off_policy_steps=1 needs rollout.placement=separate"),
+        (
+            ["rollout.placement=separate", "cluster.rollout_devices=1", "trainer.off_policy_steps=2"],
+            r"trainer.off_policy_steps=2 is out of range",
+        ),
+    ],
+)
+def test_rollout_placement_mistakes_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
 def test_bundles_sort_by_numeric_ip_then_gpu_then_hostnames_last():
     nodes = [("10.0.0.10", 0), ("10.0.0.2", 1), ("node-b", 0), ("10.0.0.2", 0), ("10.0.0.9", 3), ("10.0.0.10", 1)]
     # As strings 10.0.0.10 < 10.0.0.2; numerically .2 < .9 < .10.

@@ -113,6 +113,13 @@ def test_a_separate_genrm_pool_adds_its_nodes():
     assert job_num_nodes(load_config(SEVEN_B, ["cluster.num_nodes=2"])) == 2
 
 
+def test_a_separate_rollout_pool_adds_its_nodes():
+    separate = ["rollout.placement=separate", "cluster.devices_per_node=8"]
+    assert job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=8"])) == 2
+    assert job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=12"])) == 3
+    assert job_num_nodes(load_config(SEVEN_B, ["cluster.devices_per_node=8"])) == 1
+
+
 def test_template_placeholders_must_match_the_values():
     assert fill_template("a {{x}} b", {"x": "1"}, "t") == "a 1 b"
     with pytest.raises(ValueError, match=r"t: placeholders \['x', 'y'\] do not match the values \['x'\]"):
