@@ -114,10 +114,13 @@ def test_a_separate_genrm_pool_adds_its_nodes():
 
 
 def test_a_separate_rollout_pool_adds_its_nodes():
+    actor = load_config(SEVEN_B, ["cluster.devices_per_node=8"])
     separate = ["rollout.placement=separate", "cluster.devices_per_node=8"]
-    assert job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=8"])) == 2
-    assert job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=12"])) == 3
-    assert job_num_nodes(load_config(SEVEN_B, ["cluster.devices_per_node=8"])) == 1
+    assert job_num_nodes(actor) == actor.cluster.num_nodes
+    assert job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=8"])) == actor.cluster.num_nodes + 1
+    assert (
+        job_num_nodes(load_config(SEVEN_B, [*separate, "cluster.rollout_devices=12"])) == actor.cluster.num_nodes + 2
+    )
 
 
 def test_template_placeholders_must_match_the_values():
