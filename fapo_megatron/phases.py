@@ -15,7 +15,9 @@ frees what the phase does not hold first and brings back what it needs after, so
                 would restore them) and frees KV cache and graphs meanwhile
 
 The roles (roles/policy.PolicyWorker for the actor and the rollout engine, roles/genrm.GenRMWorker for GenRM
-engines) enter phases through it, and cluster/sizing prices each phase from it, so no second ordering exists.
+engines) enter phases through it, and cluster/sizing prices each phase from it, so no second ordering exists. With
+`rollout.placement=separate` the actor's devices host no rollout engine: the rollout column has nothing to hold
+there (the engines on their own pool keep all their memory), and the actor follows its own column as before.
 """
 
 from __future__ import annotations

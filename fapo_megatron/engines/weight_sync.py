@@ -1,5 +1,6 @@
-"""Weight-sync helpers shared by every engine: size-bounded buckets, the flattened-bucket wire format, and the
-side process group SGLang's distributed update joins.
+"""Weight-sync helpers shared by every engine: size-bounded buckets, the flattened-bucket wire format, the
+side process group SGLang's distributed update joins, and the push over such a group to a separate rollout pool
+(send_buckets on actor rank 0, receive_buckets in every rollout worker).
 
 The wire format is SGLang's `update_weights_from_tensor(load_format="flattened_bucket")` payload: one
 base64 string per TP rank holding a pickled {"flattened_tensor": tensor, "metadata": [...]}, one request per dtype
