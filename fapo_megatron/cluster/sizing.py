@@ -142,8 +142,13 @@ def estimate(cfg: Config, policy: ModelSpec, genrm: ModelSpec | None) -> SizingR
     problems: list[str] = []
     seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     kinds = actor_kind_bytes(cfg, policy)
-    rollout = _engine_phase("rollout", policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems)
-    _add_actor(rollout, kinds, "rollout", cfg, label="actor ")  # nothing with parallel.offload_actor
+    colocated = cfg.rollout.placement == "colocated"
+    name = "rollout" if colocated else "rollout (own pool)"
+    rollout = _engine_phase(name, policy, cfg.rollout.tp, cfg.rollout.mem_fraction, seq, cfg, problems)
+    if colocated:
+        _add_actor(rollout, kinds, "rollout", cfg, label="actor ")  # nothing with parallel.offload_actor
+    else:  # the engine's GPUs also hold the bucket a push is received into
+        rollout.add("bucket", cfg.rollout.weight_sync_bucket_mb * 2**20, "one received bucket")
     phases.append(rollout)
     phases.append(_weight_sync_phase(cfg, policy))
     if genrm is not None:
@@ -249,10 +254,11 @@ _DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
 
 def _weight_sync_phase(cfg: Config, shape: ModelSpec) -> Phase:
     """What phases.RESIDENCY holds during the push: the actor's parameters (gradients and optimizer state
-    offloaded) and the engine's weights (its KV cache and graphs still released), plus the buckets in flight."""
+    offloaded) and, colocated, the engine's weights (its KV cache and graphs still released), plus the buckets in
+    flight."""
     phase = Phase("weight sync")
     _add_actor(phase, actor_kind_bytes(cfg, shape), "weight_sync", cfg, label="actor ")
-    if "weights" in RESIDENCY["weight_sync"].rollout:
+    if "weights" in RESIDENCY["weight_sync"].rollout and cfg.rollout.placement == "colocated":
         phase.add("engine weights", shape.num_params / cfg.rollout.tp * BF16, f"bf16 / rollout tp={cfg.rollout.tp}")
     phase.add("bucket", 2 * cfg.rollout.weight_sync_bucket_mb * 2**20, "gathered HF-layout bucket + its copy")
     return phase

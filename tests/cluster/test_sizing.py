@@ -92,6 +92,27 @@ def test_lines_match_a_hand_computation():
     rollout = {name: gb for name, gb, _ in report.phases[1].lines}
     assert rollout["toy weights"] == pytest.approx(n * 2 / 1e9)
     assert rollout["KV cache"] == pytest.approx(0.5 * 80 - n * 2 / 1e9)
+    push = {name: gb for name, gb, _ in report.phases[2].lines}
+    assert push["engine weights"] == pytest.approx(n * 2 / 1e9)
+
+
+def test_a_rollout_pool_of_its_own_takes_the_engine_off_the_actor_gpus():
+    recipe = REPO / "configs" / "qwen2.5-math-7b_grpo.yaml"
+    shape = SHAPES["qwen2.5-math-7b"]
+    colocated = estimate(load_config(recipe), shape, None)
+    separate = estimate(load_config(recipe, ["rollout.placement=separate", "cluster.rollout_devices=8"]), shape, None)
+    names = [p.name for p in separate.phases]
+    assert names[1] == "rollout (own pool)" and [p.name for p in colocated.phases][1] == "rollout"
+    own = {name: gb for name, gb, _ in separate.phases[1].lines}
+    bucket_mb = load_config(recipe).rollout.weight_sync_bucket_mb
+    assert own["bucket"] == pytest.approx(bucket_mb * 2**20 / 1e9)
+    assert not any(name.startswith("actor ") for name in own)
+    colocated_push = {name: gb for name, gb, _ in colocated.phases[2].lines}
+    separate_push = {name: gb for name, gb, _ in separate.phases[2].lines}
+    assert set(colocated_push) - set(separate_push) == {"engine weights"}
+    assert separate.phases[2].total_gb == pytest.approx(
+        colocated.phases[2].total_gb - colocated_push["engine weights"]
+    )
 
 
 def test_packed_micro_batches_priced_at_their_token_budget_or_one_full_row():
