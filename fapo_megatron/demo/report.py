@@ -104,31 +104,39 @@ def pooled_advantage_share(records: list[dict]) -> float:
     return sum(share * count for share, count in pairs) / total if total else math.nan
 
 
-def print_report(runs: dict[str, str | Path], every: int = 5) -> bool:
-    """Print each run's table (every `every` steps), the first/last-window summary and the goals; all passed?"""
-    for label, path in runs.items():
-        records = run_records(path)
-        print(f"\n{label} ({path})")
-        print(f"{'step':>5}" + "".join(f"{name:>10}" for _, name in COLUMNS))
-        for record in records:
-            if record["step"] % every == 0 or record["step"] in (1, records[-1]["step"]):
-                print(f"{record['step']:>5}" + "".join(f"{_cell(record.get(key)):>10}" for key, _ in COLUMNS))
-        means = [window_means(records, key) for key, _ in COLUMNS]
-        print(
-            f"{'first':>5}"
-            + "".join(f"{_cell(first):>10}" for first, _ in means)
-            + f"   (mean of the first {WINDOW} steps; val: first value)"
-        )
-        print(
-            f"{'last':>5}"
-            + "".join(f"{_cell(last):>10}" for _, last in means)
-            + f"   (mean of the last {WINDOW} steps; val: last value)"
-        )
-    results = goals(runs)
-    print("\ngoals")
-    for goal in results:
-        print(f"  [{'pass' if goal.passed else 'FAIL'}] {goal.text}: {goal.measured}")
-    return all(goal.passed for goal in results)
+def print_report(seeds: list[dict[str, str | Path]], every: int = 5) -> bool:
+    """Print each run's table (every `every` steps) with its first/last-window means, then the goals of every seed
+    (each seed's FAPO and GRPO runs start from the same policy); True when every seed met every goal."""
+    for offset, runs in enumerate(seeds):
+        for label, path in runs.items():
+            _print_table(f"{label} seed {offset}", path, every)
+    passed = True
+    for offset, runs in enumerate(seeds):
+        print(f"\ngoals, seed {offset}")
+        for goal in goals(runs):
+            passed &= goal.passed
+            print(f"  [{'pass' if goal.passed else 'FAIL'}] {goal.text}: {goal.measured}")
+    return passed
+
+
+def _print_table(title: str, path: str | Path, every: int) -> None:
+    records = run_records(path)
+    print(f"\n{title} ({path})")
+    print(f"{'step':>5}" + "".join(f"{name:>10}" for _, name in COLUMNS))
+    for record in records:
+        if record["step"] % every == 0 or record["step"] in (1, records[-1]["step"]):
+            print(f"{record['step']:>5}" + "".join(f"{_cell(record.get(key)):>10}" for key, _ in COLUMNS))
+    means = [window_means(records, key) for key, _ in COLUMNS]
+    print(
+        f"{'first':>5}"
+        + "".join(f"{_cell(first):>10}" for first, _ in means)
+        + f"   (mean of the first {WINDOW} steps; val: first value)"
+    )
+    print(
+        f"{'last':>5}"
+        + "".join(f"{_cell(last):>10}" for _, last in means)
+        + f"   (mean of the last {WINDOW} steps; val: last value)"
+    )
 
 
 def moving_average(values, window: int) -> list[float]:
