@@ -21,26 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tiny_runs import REPO, mean_after_first, train_tiny
 
-from fapo_megatron.demo.warmup import WarmupConfig, warm_up  # noqa: E402
-from fapo_megatron.metrics import read_metrics  # noqa: E402
+from fapo_megatron.demo.warmup import WarmupConfig, warm_up
 
 STANDIN = REPO / "tests" / "genrm" / "genrm_standin_server.py"
 MODES = {"synchronous": "false", "streamed": "true"}
 
 
-def train(out: Path, policy: Path, url: str, stream: str, args: argparse.Namespace) -> list[dict]:
-    overrides = [
+def judged_overrides(policy: Path, url: str, stream: str, args: argparse.Namespace) -> list[str]:
+    return [
         f"model.path={policy}",
-        f"trainer.output_dir={out}",
-        f"trainer.steps={args.steps}",
-        "trainer.val_interval=0",
-        "trainer.checkpoint_interval=0",
-        "trainer.progress=false",
-        f"data.batch_size={args.batch_size}",
-        "algorithm.mini_batch_size=2",
         "parallel.micro_batch_size=4",
         "genrm.backend=external",
         "genrm.api=sglang",
@@ -49,25 +40,15 @@ def train(out: Path, policy: Path, url: str, stream: str, args: argparse.Namespa
         f"genrm.stream={stream}",
         "genrm.max_unavailable_fraction=1.0",
     ]
-    command = [sys.executable, "-m", "fapo_megatron", "train", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"train ({stream=}) failed:\n{proc.stderr[-4000:]}")
-    return read_metrics(out / "metrics.jsonl")
 
 
 def summarize(records: list[dict]) -> dict[str, float]:
-    timed = records[1:]  # the first step pays one-time costs (first forward passes, thread pools)
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in timed) / len(timed)
-
-    row = {key: mean(key) for key in ("perf/step_seconds", "time/rollout", "time/genrm", "time/genrm_visible")}
-    row["time/logprobs"] = mean("time/logprobs")
+    keys = ("perf/step_seconds", "time/rollout", "time/genrm", "time/genrm_visible", "time/logprobs")
+    row = {key: mean_after_first(records, key) for key in keys}
     row["visible_share"] = row["time/genrm_visible"] / row["perf/step_seconds"]
     row["busy_over_rollout"] = row["time/genrm"] / row["time/rollout"]
-    row["asked"] = sum(r["genrm/asked"] for r in timed)
-    row["sent_during_rollout"] = sum(r["genrm/sent_during_rollout"] for r in timed)
+    row["asked"] = sum(r["genrm/asked"] for r in records[1:])
+    row["sent_during_rollout"] = sum(r["genrm/sent_during_rollout"] for r in records[1:])
     return row
 
 
@@ -96,7 +77,8 @@ def main() -> int:
             out = work / mode
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-            rows[mode] = summarize(train(out, policy, url, stream, args))
+            overrides = judged_overrides(policy, url, stream, args)
+            rows[mode] = summarize(train_tiny(out, args.steps, args.batch_size, overrides, f"stream={stream}"))
     finally:
         judge.kill()
         judge.wait()

@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fapo_megatron.metrics import read_metrics  # noqa: E402
+from tiny_runs import mean_after_first, train_tiny
 
 MODES = {
     "colocated, on-policy": [],
@@ -38,30 +34,9 @@ MODES = {
 }
 
 
-def train(out: Path, mode: list[str], args: argparse.Namespace) -> list[dict]:
-    overrides = [
-        f"trainer.output_dir={out}",
-        f"trainer.steps={args.steps}",
-        "trainer.val_interval=0",
-        "trainer.checkpoint_interval=0",
-        "trainer.progress=false",
-        f"data.batch_size={args.batch_size}",
-        "algorithm.mini_batch_size=2",
-        f"cluster.device={args.device}",
-        *mode,
-    ]
-    command = [sys.executable, "-m", "fapo_megatron", "train", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"train {mode} failed:\n{proc.stderr[-4000:]}")
-    return read_metrics(out / "metrics.jsonl")
-
-
 def summarize(records: list[dict]) -> dict[str, float]:
-    timed = records[1:]  # the first step pays one-time costs (first forward passes, thread pools)
-
     def mean(key: str) -> float:
-        return sum(r.get(key, 0.0) for r in timed) / len(timed)
+        return mean_after_first(records, key, missing=0.0)  # colocated runs push no weights and are never stale
 
     return {
         "step": mean("perf/step_seconds"),
@@ -85,7 +60,8 @@ def main() -> int:
     for name, mode in MODES.items():
         out = Path(args.work) / name.replace(" ", "_").replace(",", "")
         shutil.rmtree(out, ignore_errors=True)
-        rows[name] = summarize(train(out, mode, args))
+        overrides = [f"cluster.device={args.device}", *mode]
+        rows[name] = summarize(train_tiny(out, args.steps, args.batch_size, overrides, name))
     print(f"tiny_cpu on {args.device} ({os.cpu_count()} CPUs), data.batch_size={args.batch_size} x 8 rollouts,")
     print(f"means over steps 2..{args.steps}\n")
     print("| mode | step s | rollout wait s | log-probs + update s | weight push s | staleness |")

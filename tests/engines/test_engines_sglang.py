@@ -243,7 +243,9 @@ def test_distributed_transport_broadcasts_weights(engine, checkpoints):
     attached.update_weights([named])
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=8)
     ref = reference(checkpoints[0]).generate(["abc"], params)[0]
-    assert attached.generate(["abc"], params)[0].token_ids == ref.token_ids
+    after = attached.generate(["abc"], params)[0]
+    assert after.token_ids == ref.token_ids
+    assert after.weight_version == attached.weight_version == 1  # each sample names the version it was drawn with
     attached.shutdown()
     paths = [c["path"] for c in calls(engine.url)]
     assert "/init_weights_update_group" in paths and paths[-1] == "/destroy_weights_update_group"

@@ -1,12 +1,10 @@
 """A weight push to a separate rollout pool: actor rank 0's `send_buckets` over a gloo side group, a rollout worker's
 `receive_buckets` into its engine's update_weights. The sender is a spawned process (both ends of one group cannot
-share a process: group names are unique per process); for the SGLang engine the receiver forwards to a stand-in server
-over its DistributedTransport (the server joins that group itself)."""
+share a process: group names are unique per process). How an SGLang engine forwards such buckets to its server over
+its DistributedTransport is test_engines_sglang.py's test_distributed_transport_broadcasts_weights."""
 
 import multiprocessing
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +12,8 @@ from engine_fixtures import char_tokenizer, tiny_qwen2
 
 from fapo_megatron.engine_protocol import SamplingParams
 from fapo_megatron.engines.embedded import EmbeddedEngine
-from fapo_megatron.engines.sglang import SGLangEngine, SGLangServerArgs
 from fapo_megatron.engines.weight_sync import init_custom_process_group, receive_buckets, send_buckets
 
-STANDIN = [sys.executable, str(Path(__file__).with_name("sglang_standin.py"))]
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -87,41 +83,3 @@ def test_embedded_engine_serves_the_pushed_weights():
     after = engine.generate(["abc"], params)[0]
     assert after.token_ids == reference.generate(["abc"], params)[0].token_ids
     assert after.weight_version == 1
-
-
-def test_sglang_engine_forwards_the_push_to_its_server(tmp_path):
-    """The rollout worker's SGLang engine takes the received buckets and broadcasts them on to its server (which
-    joined the engine's own side group via /init_weights_update_group); the server then samples as the pushed
-    model does, and each sample names the weight version it was drawn with."""
-    start = tmp_path / "start"
-    tiny_qwen2(seed=1).save_pretrained(start)
-    char_tokenizer().save_pretrained(start)
-    args = SGLangServerArgs(
-        model_path=str(start), port=free_port(), launch_command=STANDIN, tp_size=1, enable_deterministic_inference=True
-    )
-    engine = SGLangEngine(
-        server=args,
-        tokenizer=char_tokenizer(),
-        transport="distributed",
-        distributed_master=("127.0.0.1", free_port()),
-        distributed_backend="gloo",
-        distributed_device="cpu",
-        startup_timeout_s=120,
-    )
-    engine.start()
-    try:
-        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
-        assert engine.generate(["abc"], params)[0].weight_version == 0  # the server's "default" version
-        target = tiny_qwen2(seed=0)
-        port = free_port()
-        process = _sender(port, [list(target.state_dict().items())])
-        engine.update_weights(receive_buckets(_join(port, 1), torch.device("cpu")))
-        process.join(60)
-        assert process.exitcode == 0
-        reference = EmbeddedEngine(model=target, tokenizer=char_tokenizer())
-        reference.start()
-        after = engine.generate(["abc"], params)[0]
-        assert after.token_ids == reference.generate(["abc"], params)[0].token_ids
-        assert after.weight_version == engine.weight_version == 1
-    finally:
-        engine.shutdown()
