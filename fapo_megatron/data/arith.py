@@ -15,14 +15,15 @@ Running values stay in 1..999 so a tiny character-level model can learn the task
 checked by a program (`first_wrong_step`), the task has exact flaw labels: a response can reach the right
 boxed answer through a wrong or missing step, which is what FAPO's flaw detector looks for.
 
-Shortcuts that work. For a real model a flaw is often a shortcut that still lands on the right answer; a
-tiny model that skips a real step or guesses, however, fails more often, so the outcome reward alone already
-removes those flaws and FAPO has nothing to add. Chains may therefore hold trivial steps (`identity_steps`:
-`Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw there: the trivial step left out, stated as a
-bare unjustified number, or written with a wrong result that the next step silently ignores. The running
-value does not change at a trivial step, so a flawed solution needs no more arithmetic than a clean one (the
-skip and the bare claim are even shorter, fewer tokens to get wrong): outcome-only GRPO is meant to have no
-reason to drop them, while the program checker still marks the exact step, so FAPO's flaw penalty can.
+Shortcuts that work. For a real model a flaw is often a shortcut that still lands on the right answer, so the
+outcome reward alone never removes it. A tiny model learns every context it rarely sees less well, so a flaw in
+the middle of a chain (a real step skipped, a guess) costs it accuracy, and outcome-only RL removes those flaws
+by itself: FAPO would have nothing to add. Chains may therefore end in trivial steps (`identity_steps`:
+`Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw at the first of them: the step left out, stated
+as a bare number, or written with a wrong result that the boxed answer ignores. Every real step comes before the
+flaw, in the same context whatever the solution does at the end, so a flawed solution needs no arithmetic a clean
+one does not and the outcome reward is meant to be indifferent to it; wrong answers slip at a real step. The
+program checker still marks the exact step, so FAPO's flaw penalty can tell the two apart.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ WRONG_ANSWER = "wrong_answer"
 FLAWS = (*FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER)
 SHORTCUT_FLAWS = ("skipped_trivial", "bare_trivial", "fixed_trivial_slip")
 """Flaws at a chain's first trivial step (x 1 or + 0) that cost the answer nothing: its line left out, its line
-a bare number with no operation, its result written wrong and ignored by the next step."""
+a bare number with no operation, its result written wrong and ignored by what follows."""
 IDENTITY_OPS = (("*", 1), ("+", 0))
 """The trivial operations `identity_steps` inserts; the generator never makes them otherwise."""
 
@@ -106,7 +107,7 @@ def make_arith_items(
 
     max_value bounds every running value, max_operand every added/subtracted number (multipliers stay 2..5):
     small bounds make a task a tiny model can learn in minutes. identity_steps trivial operations (IDENTITY_OPS)
-    are inserted at random places of each chain, on top of its min_steps..max_steps real ones.
+    close each chain, after its min_steps..max_steps real ones.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: must be 'train' or 'val'")
@@ -241,10 +242,8 @@ def _random_problem(rng: random.Random, num_steps: int, max_value: int, max_oper
 
 
 def _with_identity_steps(problem: ArithProblem, count: int, rng: random.Random) -> ArithProblem:
-    """`problem` with `count` trivial operations inserted at random places (running values unchanged)."""
-    ops = list(problem.ops)
-    for _ in range(count):
-        ops.insert(rng.randint(0, len(ops)), rng.choice(IDENTITY_OPS))
+    """`problem` closed by `count` trivial operations (running values unchanged)."""
+    ops = list(problem.ops) + [rng.choice(IDENTITY_OPS) for _ in range(count)]
     return ArithProblem(start=problem.start, ops=tuple(ops))
 
 

@@ -2,12 +2,13 @@
 
 RL needs a policy that sometimes gets the answer right, and FAPO needs one that sometimes gets it right for
 the wrong reasons. So the warm-up data mixes clean solutions, flawed ones that still box the right answer and
-wrong ones. Every chain holds a trivial step (x 1 or + 0) and the flaws are the shortcuts there
+wrong ones. Every chain ends in a trivial step (x 1 or + 0) and the flaws are the shortcuts there
 (`data.arith.SHORTCUT_FLAWS`: the step skipped, stated as a bare number, or its result miswritten and ignored),
-which cost this policy no accuracy, so only a flaw-aware reward tells them apart from clean solutions. The
-mixture sets where RL starts: 40 % of the positives flawed (the paper reports 20-40 % for real models), and
-more wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's warm-up phase, where a
-flawed positive still earns a positive advantage) and crosses 1 as RL lifts the accuracy. The result is a
+taken after all the real arithmetic, so they cost this policy no accuracy and only a flaw-aware reward tells
+them apart from clean solutions. The mixture (`WarmupConfig.clean_share`, `flaw_shares`) sets where RL starts:
+about a third of the positives flawed at the first step (the paper reports 20-40 % for real models), and more
+wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's warm-up phase, where a flawed
+positive still earns a positive advantage) and crosses 1 as RL lifts the accuracy. The result is a
 normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the embedded engine load like any
 other model.
 """
@@ -47,10 +48,28 @@ class WarmupConfig:
     max_value: int = 20
     max_operand: int = 5
     identity_steps: int = 1
-    """Trivial steps per chain (data.arith_identity_steps of the RL run); with any, the flaws are SHORTCUT_FLAWS."""
-    clean_share: float = 0.36
-    flawed_share: float = 0.24
-    """The rest are wrong-answer solutions."""
+    """Trivial steps closing each chain (data.arith_identity_steps of the RL run); SHORTCUT_FLAWS need one."""
+    clean_share: float = 0.29
+    flaw_shares: tuple[tuple[str, float], ...] = (
+        ("skipped_trivial", 0.115),
+        ("bare_trivial", 0.115),
+        ("fixed_trivial_slip", 0.03),
+    )
+    """Share of the solutions written with each flaw (data.arith names); the rest are wrong answers."""
+
+    def __post_init__(self):
+        allowed = (*FLAWS_WITH_CORRECT_ANSWER, *SHORTCUT_FLAWS)
+        for name, share in self.flaw_shares:
+            if name not in allowed:
+                raise ValueError(f"WarmupConfig.flaw_shares: {name!r} is not one of {allowed}")
+            if name in SHORTCUT_FLAWS and not self.identity_steps:
+                raise ValueError(f"WarmupConfig.flaw_shares: {name!r} needs identity_steps >= 1")
+            if share < 0:
+                raise ValueError(f"WarmupConfig.flaw_shares: {name!r} share {share} must be >= 0")
+        total = self.clean_share + sum(share for _, share in self.flaw_shares)
+        if not 0 <= self.clean_share <= total <= 1:
+            raise ValueError(f"WarmupConfig: clean_share + flaw_shares = {total:.3f} must lie in [clean_share, 1]")
+
     steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
@@ -90,20 +109,25 @@ def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
         max_operand=cfg.max_operand,
         identity_steps=cfg.identity_steps,
     )
-    flaws = SHORTCUT_FLAWS if cfg.identity_steps else FLAWS_WITH_CORRECT_ANSWER
     examples = []
     for item in items:
-        draw = rng.random()
-        if draw < cfg.clean_share:
-            flaw = None
-        elif draw < cfg.clean_share + cfg.flawed_share:
-            flaw = rng.choice(flaws)
-        else:
-            flaw = WRONG_ANSWER
+        flaw = _solution_kind(cfg, rng.random())
         prompt_ids = encode_prompt(item, tokenizer)
         answer_ids = tokenizer(arith_solution(item, flaw=flaw, rng=rng), add_special_tokens=False)["input_ids"]
         examples.append(([*prompt_ids, *answer_ids, tokenizer.eos_token_id], len(prompt_ids)))
     return examples
+
+
+def _solution_kind(cfg: WarmupConfig, draw: float) -> str | None:
+    """What a uniform draw in [0, 1) picks from the mixture: None (clean), a flaw of flaw_shares or WRONG_ANSWER."""
+    edge = cfg.clean_share
+    if draw < edge:
+        return None
+    for name, share in cfg.flaw_shares:
+        edge += share
+        if draw < edge:
+            return name
+    return WRONG_ANSWER
 
 
 def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +148,8 @@ def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: b
     cfg = cfg or WarmupConfig()
     out_dir = Path(out_dir)
     stamp = out_dir / "warmup.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("config") == asdict(cfg):
+    config = json.loads(json.dumps(asdict(cfg)))  # as the stamp reads back (tuples become lists)
+    if stamp.exists() and json.loads(stamp.read_text()).get("config") == config:
         return out_dir
     torch.manual_seed(cfg.seed)
     tokenizer = arith_tokenizer()
@@ -153,7 +178,5 @@ def warm_up(out_dir: str | Path, cfg: WarmupConfig | None = None, *, progress: b
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    stamp.write_text(
-        json.dumps({"config": asdict(cfg), "final_loss": losses[-1], "seconds": time.perf_counter() - start})
-    )
+    stamp.write_text(json.dumps({"config": config, "final_loss": losses[-1], "seconds": time.perf_counter() - start}))
     return out_dir

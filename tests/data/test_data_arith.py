@@ -135,12 +135,12 @@ def test_flawed_solution_is_reproducible_without_rng():
         arith_solution(PROBLEM, flaw="typo")
 
 
-def test_identity_steps_insert_trivial_operations_without_changing_the_chain():
+def test_identity_steps_close_the_chain_with_trivial_operations_without_changing_it():
     plain = make_arith_items(80, seed=5, min_steps=2, max_steps=3, max_value=20, max_operand=5)
     trivial = make_arith_items(80, seed=5, min_steps=2, max_steps=3, max_value=20, max_operand=5, identity_steps=1)
     for item in trivial:
         ops = [tuple(op) for op in item.meta["ops"]]
-        assert sum(op in IDENTITY_OPS for op in ops) == 1
+        assert sum(op in IDENTITY_OPS for op in ops) == 1 and ops[-1] in IDENTITY_OPS  # the trivial step closes it
         assert 3 <= len(ops) <= 4
         real = [op for op in ops if op not in IDENTITY_OPS]
         assert item.ground_truth == str(_evaluate(item.meta["start"], real))
