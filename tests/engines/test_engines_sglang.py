@@ -62,18 +62,26 @@ def reference(path):
     return eng
 
 
-def launch(path, *, deterministic=True, cpu_backup=False, **kwargs):
-    args = SGLangServerArgs(
-        model_path=path,
-        port=free_port(),
-        launch_command=STANDIN,
-        tp_size=2,
-        enable_deterministic_inference=deterministic,
-        enable_weights_cpu_backup=cpu_backup,
-    )
-    engine = SGLangEngine(server=args, tokenizer=char_tokenizer(), startup_timeout_s=120, **kwargs)
-    engine.start()
-    return engine
+def launch(path, *, deterministic=True, cpu_backup=False, attempts=3, **kwargs):
+    """A stand-in server on a free port. The port is free when picked, but another test process (Ray, gloo) can take
+    it before the server binds it, seconds later: a server that exits on "Address already in use" gets a new port."""
+    for attempt in range(attempts):
+        args = SGLangServerArgs(
+            model_path=path,
+            port=free_port(),
+            launch_command=STANDIN,
+            tp_size=2,
+            enable_deterministic_inference=deterministic,
+            enable_weights_cpu_backup=cpu_backup,
+        )
+        engine = SGLangEngine(server=args, tokenizer=char_tokenizer(), startup_timeout_s=120, **kwargs)
+        try:
+            engine.start()
+            return engine
+        except EngineError as err:
+            log = Path(str(err).rpartition("see ")[2])
+            if attempt + 1 == attempts or not log.is_file() or "Address already in use" not in log.read_text():
+                raise
 
 
 @pytest.fixture(scope="module")
