@@ -1,5 +1,7 @@
 """The warm-up mixture: each solution kind gets its configured share, bad shares are refused, a result is reused."""
 
+from dataclasses import replace
+
 import pytest
 
 from fapo_megatron.data.arith import WRONG_ANSWER
@@ -35,5 +37,5 @@ def test_a_finished_warm_up_is_reused_and_a_changed_config_retrains(tmp_path):
     weights = out / "model.safetensors"
     first = weights.stat().st_mtime_ns
     assert warm_up(tmp_path, cfg, progress=False) == out and weights.stat().st_mtime_ns == first
-    warm_up(tmp_path, WarmupConfig(**{**cfg.__dict__, "steps": 3}), progress=False)
+    warm_up(tmp_path, replace(cfg, steps=3), progress=False)
     assert weights.stat().st_mtime_ns != first
