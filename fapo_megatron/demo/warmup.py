@@ -27,6 +27,7 @@ import torch
 from fapo_megatron.data.arith import (
     FLAWS_WITH_CORRECT_ANSWER,
     SHORTCUT_FLAWS,
+    TRIVIAL_SLIP,
     WRONG_ANSWER,
     arith_solution,
     make_arith_items,
@@ -56,6 +57,9 @@ class WarmupConfig:
         ("fixed_trivial_slip", 0.03),
     )
     """Share of the solutions written with each flaw (data.arith names); the rest are wrong answers."""
+    trivial_slip_share: float = 0.15
+    """Share of the solutions whose wrong answer comes from a slip at the written-out trivial step (TRIVIAL_SLIP), a
+    risk the shortcuts do not run; the other wrong answers slip at a real step."""
 
     def __post_init__(self):
         allowed = (*FLAWS_WITH_CORRECT_ANSWER, *SHORTCUT_FLAWS)
@@ -66,9 +70,14 @@ class WarmupConfig:
                 raise ValueError(f"WarmupConfig.flaw_shares: {name!r} needs identity_steps >= 1")
             if share < 0:
                 raise ValueError(f"WarmupConfig.flaw_shares: {name!r} share {share} must be >= 0")
-        total = self.clean_share + sum(share for _, share in self.flaw_shares)
-        if not 0 <= self.clean_share <= total <= 1:
-            raise ValueError(f"WarmupConfig: clean_share + flaw_shares = {total:.3f} must lie in [clean_share, 1]")
+        if self.trivial_slip_share and not self.identity_steps:
+            raise ValueError("WarmupConfig.trivial_slip_share: a slip at the trivial step needs identity_steps >= 1")
+        total = self.clean_share + sum(share for _, share in self.flaw_shares) + self.trivial_slip_share
+        if not 0 <= self.clean_share <= total <= 1 or self.trivial_slip_share < 0:
+            raise ValueError(
+                f"WarmupConfig: clean_share + flaw_shares + trivial_slip_share = {total:.3f} must lie in "
+                "[clean_share, 1], each share >= 0"
+            )
 
     steps: int = 1200
     batch_size: int = 32
@@ -119,11 +128,12 @@ def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
 
 
 def _solution_kind(cfg: WarmupConfig, draw: float) -> str | None:
-    """What a uniform draw in [0, 1) picks from the mixture: None (clean), a flaw of flaw_shares or WRONG_ANSWER."""
+    """What a uniform draw in [0, 1) picks from the mixture: None (clean), a flaw of flaw_shares, TRIVIAL_SLIP or
+    WRONG_ANSWER."""
     edge = cfg.clean_share
     if draw < edge:
         return None
-    for name, share in cfg.flaw_shares:
+    for name, share in (*cfg.flaw_shares, (TRIVIAL_SLIP, cfg.trivial_slip_share)):
         edge += share
         if draw < edge:
             return name
