@@ -57,7 +57,7 @@ class WarmupConfig:
         ("fixed_trivial_slip", 0.03),
     )
     """Share of the solutions written with each flaw (data.arith names); the rest are wrong answers."""
-    trivial_slip_share: float = 0.15
+    trivial_slip_share: float = 0.25
     """Share of the solutions whose wrong answer comes from a slip at the written-out trivial step (TRIVIAL_SLIP), a
     risk the shortcuts do not run; the other wrong answers slip at a real step."""
 
