@@ -22,9 +22,9 @@ by itself: FAPO would have nothing to add. Chains may therefore end in trivial s
 `Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw at the first of them: the step left out, stated
 as a bare number, or written with a wrong result that the boxed answer ignores. Every real step comes before the
 flaw, in the same context whatever the solution does at the end, so a flawed solution needs no arithmetic a clean
-one does not and the outcome reward is meant to be indifferent to it; wrong answers slip at a real step, or
-(TRIVIAL_SLIP) at the written-out trivial step, a slip the shortcut cannot make. The program checker still marks
-the exact step, so FAPO's flaw penalty can tell the two apart.
+one does not. Wrong answers slip at a real step (WRONG_ANSWER) or at the written-out trivial step (TRIVIAL_SLIP),
+a slip the shortcut cannot make: as for a real model, the shortcut is the safer path, and the outcome reward
+favours it. The program checker still marks the exact step, so FAPO's flaw penalty can tell the two apart.
 """
 
 from __future__ import annotations

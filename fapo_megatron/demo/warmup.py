@@ -4,11 +4,21 @@ RL needs a policy that sometimes gets the answer right, and FAPO needs one that 
 the wrong reasons. So the warm-up data mixes clean solutions, flawed ones that still box the right answer and
 wrong ones. Every chain ends in a trivial step (x 1 or + 0) and the flaws are the shortcuts there
 (`data.arith.SHORTCUT_FLAWS`: the step skipped, stated as a bare number, or its result miswritten and ignored),
-taken after all the real arithmetic, so they cost this policy no accuracy and only a flaw-aware reward tells
-them apart from clean solutions. The mixture (`WarmupConfig.clean_share`, `flaw_shares`) sets where RL starts:
-about a third of the positives flawed at the first step (the paper reports 20-40 % for real models), and more
-wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's warm-up phase, where a flawed
-positive still earns a positive advantage) and crosses 1 as RL lifts the accuracy. The result is a
+taken after all the real arithmetic, so they need no arithmetic a clean solution does not and only a flaw-aware
+reward tells them apart from clean solutions.
+
+A shortcut that works. Left at that, outcome-only RL still moves this tiny policy off the shortcuts (in a
+measured run GRPO kept 0.34 of its flawed share over 50 steps): whatever it learns about writing steps out
+carries over to the trivial one. For real models a shortcut often lands on the right answer *more* reliably,
+because every step written out is a chance to slip, and that is why GRPO keeps them. The mixture says so too:
+part of the wrong answers (`trivial_slip_share`, `data.arith.TRIVIAL_SLIP`) slip at the written-out trivial
+step, a slip no shortcut can make, so at the start the outcome reward favours the shortcut a little, and less as
+RL teaches the policy to copy a value through `+ 0`.
+
+The mixture sets where RL starts: about a third of the positives flawed at the first step (the paper reports
+20-40 % for real models), and more wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's
+warm-up phase, where a flawed positive still earns a positive advantage) and crosses 1 as RL lifts the
+accuracy. The result is a
 normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the embedded engine load like any
 other model.
 """
@@ -50,14 +60,14 @@ class WarmupConfig:
     max_operand: int = 5
     identity_steps: int = 1
     """Trivial steps closing each chain (data.arith_identity_steps of the RL run); SHORTCUT_FLAWS need one."""
-    clean_share: float = 0.29
+    clean_share: float = 0.24
     flaw_shares: tuple[tuple[str, float], ...] = (
-        ("skipped_trivial", 0.115),
-        ("bare_trivial", 0.115),
+        ("skipped_trivial", 0.10),
+        ("bare_trivial", 0.11),
         ("fixed_trivial_slip", 0.03),
     )
     """Share of the solutions written with each flaw (data.arith names); the rest are wrong answers."""
-    trivial_slip_share: float = 0.25
+    trivial_slip_share: float = 0.30
     """Share of the solutions whose wrong answer comes from a slip at the written-out trivial step (TRIVIAL_SLIP), a
     risk the shortcuts do not run; the other wrong answers slip at a real step."""
 
