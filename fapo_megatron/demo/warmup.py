@@ -12,15 +12,15 @@ measured run GRPO kept 0.34 of its flawed share over 50 steps): whatever it lear
 carries over to the trivial one. For real models a shortcut often lands on the right answer *more* reliably,
 because every step written out is a chance to slip, and that is why GRPO keeps them. The mixture says so too:
 part of the wrong answers (`trivial_slip_share`, `data.arith.TRIVIAL_SLIP`) slip at the written-out trivial
-step, a slip no shortcut can make, so at the start the outcome reward favours the shortcut a little, and less as
-RL teaches the policy to copy a value through `+ 0`.
+step, a slip no shortcut can make, so the outcome reward favours the shortcut (with 0.15 of the solutions such
+slips GRPO still kept only 0.48 of its flawed share; with 0.30 it moves most positives onto the shortcut), and
+only FAPO, which gives a flawed positive 0 instead of +1, takes them away.
 
-The mixture sets where RL starts: about a third of the positives flawed at the first step (the paper reports
+The mixture sets where RL starts: about 40 % of the positives flawed at the first step (the paper reports
 20-40 % for real models), and more wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's
 warm-up phase, where a flawed positive still earns a positive advantage) and crosses 1 as RL lifts the
-accuracy. The result is a
-normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the embedded engine load like any
-other model.
+accuracy. The result is a normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the
+embedded engine load like any other model.
 """
 
 from __future__ import annotations
