@@ -150,11 +150,15 @@ def test_identity_steps_close_the_chain_with_trivial_operations_without_changing
         make_arith_items(1, 0, identity_steps=-1)
 
 
+def _trivial_index(item):
+    return next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+
+
 def test_shortcut_flaws_keep_the_answer_and_are_marked_at_the_trivial_step():
     items = make_arith_items(60, seed=8, min_steps=1, max_steps=4, max_value=20, max_operand=5, identity_steps=1)
     rng = random.Random(1)
     for item in items:
-        trivial = next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+        trivial = _trivial_index(item)
         canonical_steps = split_steps(arith_solution(item))
         assert first_wrong_step(item.prompt, canonical_steps) == -1
         for flaw in SHORTCUT_FLAWS:
@@ -173,7 +177,7 @@ def test_a_trivial_slip_is_a_wrong_answer_marked_at_the_written_out_trivial_step
     items = make_arith_items(60, seed=9, min_steps=2, max_steps=3, max_value=20, max_operand=5, identity_steps=1)
     rng = random.Random(2)
     for item in items:
-        trivial = next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+        trivial = _trivial_index(item)
         canonical_steps = split_steps(arith_solution(item))
         solution = arith_solution(item, flaw=TRIVIAL_SLIP, rng=rng)
         steps = split_steps(solution)
