@@ -22,8 +22,9 @@ by itself: FAPO would have nothing to add. Chains may therefore end in trivial s
 `Multiply by 1.` or `Add 0.`), and SHORTCUT_FLAWS put the flaw at the first of them: the step left out, stated
 as a bare number, or written with a wrong result that the boxed answer ignores. Every real step comes before the
 flaw, in the same context whatever the solution does at the end, so a flawed solution needs no arithmetic a clean
-one does not and the outcome reward is meant to be indifferent to it; wrong answers slip at a real step. The
-program checker still marks the exact step, so FAPO's flaw penalty can tell the two apart.
+one does not. Wrong answers slip at a real step (WRONG_ANSWER) or at the written-out trivial step (TRIVIAL_SLIP),
+a slip the shortcut cannot make: as for a real model, the shortcut is the safer path, and the outcome reward
+favours it. The program checker still marks the exact step, so FAPO's flaw penalty can tell the two apart.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ FLAWS_WITH_CORRECT_ANSWER = ("fixed_slip", "skipped_step", "guessed")
 """Flawed solutions that still box the right answer: a wrong intermediate result the next step silently
 ignores, a step left out, a bare answer with no steps."""
 WRONG_ANSWER = "wrong_answer"
-"""A slip carried through to a wrong boxed answer."""
+"""A slip at a real step carried through to a wrong boxed answer."""
 FLAWS = (*FLAWS_WITH_CORRECT_ANSWER, WRONG_ANSWER)
 SHORTCUT_FLAWS = ("skipped_trivial", "bare_trivial", "fixed_trivial_slip")
 """Flaws at a chain's first trivial step (x 1 or + 0) that cost the answer nothing: its line left out, its line
 a bare number with no operation, its result written wrong and ignored by what follows."""
+TRIVIAL_SLIP = "trivial_slip"
+"""A slip at a chain's first trivial step carried through to a wrong boxed answer: the one wrong answer that only
+a solution writing the trivial step out can make."""
 IDENTITY_OPS = (("*", 1), ("+", 0))
 """The trivial operations `identity_steps` inserts; the generator never makes them otherwise."""
 
@@ -170,10 +174,13 @@ def arith_solution(
         else:
             op, operand = problem.ops[k]
             lines[k] = f"{values[k]} {op} {operand} = {_slipped(values[k + 1], rng)}"
-    elif flaw == WRONG_ANSWER:
-        # The slip goes to a real step, so writing a wrong result at a trivial step stays the shortcut's own move.
-        real = [k for k, op in enumerate(problem.ops) if op not in IDENTITY_OPS] or list(range(len(lines)))
-        k = rng.choice(real)
+    elif flaw in (WRONG_ANSWER, TRIVIAL_SLIP):
+        if flaw == TRIVIAL_SLIP:
+            k = _first_trivial_step(problem)
+        else:  # a real step, so writing a wrong result at a trivial step stays the shortcut's own move
+            k = rng.choice(
+                [j for j, op in enumerate(problem.ops) if op not in IDENTITY_OPS] or list(range(len(lines)))
+            )
         value = _slipped(values[k + 1], rng)
         op, operand = problem.ops[k]
         lines[k] = f"{values[k]} {op} {operand} = {value}"
@@ -183,7 +190,7 @@ def arith_solution(
             value = _apply(value, op, operand)
         answer = value
     else:
-        raise ValueError(f"flaw={flaw!r}: must be None or one of {FLAWS + SHORTCUT_FLAWS}")
+        raise ValueError(f"flaw={flaw!r}: must be None or one of {(*FLAWS, *SHORTCUT_FLAWS, TRIVIAL_SLIP)}")
     return "\n\n".join([*lines, f"\\boxed{{{answer}}}"])
 
 

@@ -4,13 +4,23 @@ RL needs a policy that sometimes gets the answer right, and FAPO needs one that 
 the wrong reasons. So the warm-up data mixes clean solutions, flawed ones that still box the right answer and
 wrong ones. Every chain ends in a trivial step (x 1 or + 0) and the flaws are the shortcuts there
 (`data.arith.SHORTCUT_FLAWS`: the step skipped, stated as a bare number, or its result miswritten and ignored),
-taken after all the real arithmetic, so they cost this policy no accuracy and only a flaw-aware reward tells
-them apart from clean solutions. The mixture (`WarmupConfig.clean_share`, `flaw_shares`) sets where RL starts:
-about a third of the positives flawed at the first step (the paper reports 20-40 % for real models), and more
-wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's warm-up phase, where a flawed
-positive still earns a positive advantage) and crosses 1 as RL lifts the accuracy. The result is a
-normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the embedded engine load like any
-other model.
+taken after all the real arithmetic, so they need no arithmetic a clean solution does not and only a flaw-aware
+reward tells them apart from clean solutions.
+
+A shortcut that works. Left at that, outcome-only RL still moves this tiny policy off the shortcuts (in a
+measured run GRPO kept 0.34 of its flawed share over 50 steps): whatever it learns about writing steps out
+carries over to the trivial one. For real models a shortcut often lands on the right answer *more* reliably,
+because every step written out is a chance to slip, and that is why GRPO keeps them. The mixture says so too:
+part of the wrong answers (`trivial_slip_share`, `data.arith.TRIVIAL_SLIP`) slip at the written-out trivial
+step, a slip no shortcut can make, so the outcome reward favours the shortcut (with 0.15 of the solutions such
+slips GRPO still kept only 0.48 of its flawed share; with 0.30 it moves most positives onto the shortcut), and
+only FAPO, which gives a flawed positive 0 instead of +1, takes them away.
+
+The mixture sets where RL starts: about 40 % of the positives flawed at the first step (the paper reports
+20-40 % for real models), and more wrong answers than clean ones, so rho = clean / wrong starts below 1 (FAPO's
+warm-up phase, where a flawed positive still earns a positive advantage) and crosses 1 as RL lifts the
+accuracy. The result is a normal HF checkpoint (safetensors + tokenizer) that the Megatron actor and the
+embedded engine load like any other model.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch
 from fapo_megatron.data.arith import (
     FLAWS_WITH_CORRECT_ANSWER,
     SHORTCUT_FLAWS,
+    TRIVIAL_SLIP,
     WRONG_ANSWER,
     arith_solution,
     make_arith_items,
@@ -49,13 +60,16 @@ class WarmupConfig:
     max_operand: int = 5
     identity_steps: int = 1
     """Trivial steps closing each chain (data.arith_identity_steps of the RL run); SHORTCUT_FLAWS need one."""
-    clean_share: float = 0.29
+    clean_share: float = 0.24
     flaw_shares: tuple[tuple[str, float], ...] = (
-        ("skipped_trivial", 0.115),
-        ("bare_trivial", 0.115),
+        ("skipped_trivial", 0.10),
+        ("bare_trivial", 0.11),
         ("fixed_trivial_slip", 0.03),
     )
     """Share of the solutions written with each flaw (data.arith names); the rest are wrong answers."""
+    trivial_slip_share: float = 0.30
+    """Share of the solutions whose wrong answer comes from a slip at the written-out trivial step (TRIVIAL_SLIP), a
+    risk the shortcuts do not run; the other wrong answers slip at a real step."""
 
     def __post_init__(self):
         allowed = (*FLAWS_WITH_CORRECT_ANSWER, *SHORTCUT_FLAWS)
@@ -66,9 +80,14 @@ class WarmupConfig:
                 raise ValueError(f"WarmupConfig.flaw_shares: {name!r} needs identity_steps >= 1")
             if share < 0:
                 raise ValueError(f"WarmupConfig.flaw_shares: {name!r} share {share} must be >= 0")
-        total = self.clean_share + sum(share for _, share in self.flaw_shares)
-        if not 0 <= self.clean_share <= total <= 1:
-            raise ValueError(f"WarmupConfig: clean_share + flaw_shares = {total:.3f} must lie in [clean_share, 1]")
+        if self.trivial_slip_share and not self.identity_steps:
+            raise ValueError("WarmupConfig.trivial_slip_share: a slip at the trivial step needs identity_steps >= 1")
+        total = self.clean_share + sum(share for _, share in self.flaw_shares) + self.trivial_slip_share
+        if not 0 <= self.clean_share <= total <= 1 or self.trivial_slip_share < 0:
+            raise ValueError(
+                f"WarmupConfig: clean_share + flaw_shares + trivial_slip_share = {total:.3f} must lie in "
+                "[clean_share, 1], each share >= 0"
+            )
 
     steps: int = 1200
     batch_size: int = 32
@@ -119,11 +138,12 @@ def _examples(cfg: WarmupConfig, tokenizer) -> list[tuple[list[int], int]]:
 
 
 def _solution_kind(cfg: WarmupConfig, draw: float) -> str | None:
-    """What a uniform draw in [0, 1) picks from the mixture: None (clean), a flaw of flaw_shares or WRONG_ANSWER."""
+    """What a uniform draw in [0, 1) picks from the mixture: None (clean), a flaw of flaw_shares, TRIVIAL_SLIP or
+    WRONG_ANSWER."""
     edge = cfg.clean_share
     if draw < edge:
         return None
-    for name, share in cfg.flaw_shares:
+    for name, share in (*cfg.flaw_shares, (TRIVIAL_SLIP, cfg.trivial_slip_share)):
         edge += share
         if draw < edge:
             return name

@@ -8,6 +8,7 @@ import pytest
 from fapo_megatron.data import (
     FLAWS_WITH_CORRECT_ANSWER,
     SHORTCUT_FLAWS,
+    TRIVIAL_SLIP,
     WRONG_ANSWER,
     arith_solution,
     first_wrong_step,
@@ -149,11 +150,15 @@ def test_identity_steps_close_the_chain_with_trivial_operations_without_changing
         make_arith_items(1, 0, identity_steps=-1)
 
 
+def _trivial_index(item):
+    return next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+
+
 def test_shortcut_flaws_keep_the_answer_and_are_marked_at_the_trivial_step():
     items = make_arith_items(60, seed=8, min_steps=1, max_steps=4, max_value=20, max_operand=5, identity_steps=1)
     rng = random.Random(1)
     for item in items:
-        trivial = next(k for k, op in enumerate(item.meta["ops"]) if tuple(op) in IDENTITY_OPS)
+        trivial = _trivial_index(item)
         canonical_steps = split_steps(arith_solution(item))
         assert first_wrong_step(item.prompt, canonical_steps) == -1
         for flaw in SHORTCUT_FLAWS:
@@ -166,3 +171,20 @@ def test_shortcut_flaws_keep_the_answer_and_are_marked_at_the_trivial_step():
         assert len(arith_solution(item, "bare_trivial")) < len(arith_solution(item))
     with pytest.raises(ValueError, match="needs a trivial step"):
         arith_solution(PROBLEM, flaw="skipped_trivial")
+
+
+def test_a_trivial_slip_is_a_wrong_answer_marked_at_the_written_out_trivial_step():
+    items = make_arith_items(60, seed=9, min_steps=2, max_steps=3, max_value=20, max_operand=5, identity_steps=1)
+    rng = random.Random(2)
+    for item in items:
+        trivial = _trivial_index(item)
+        canonical_steps = split_steps(arith_solution(item))
+        solution = arith_solution(item, flaw=TRIVIAL_SLIP, rng=rng)
+        steps = split_steps(solution)
+        assert not answers_match(extract_boxed(solution), item.ground_truth), solution
+        assert first_wrong_step(item.prompt, steps) == trivial == _differing_line(canonical_steps, steps)
+        assert steps[trivial].split("=")[0] == canonical_steps[trivial].split("=")[0]  # written out, result wrong
+        stated = int(steps[trivial].split("=")[1])
+        assert extract_boxed(solution) == str(_evaluate(stated, [tuple(op) for op in item.meta["ops"][trivial + 1 :]]))
+    with pytest.raises(ValueError, match="needs a trivial step"):
+        arith_solution(PROBLEM, flaw=TRIVIAL_SLIP)

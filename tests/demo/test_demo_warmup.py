@@ -4,16 +4,18 @@ from dataclasses import replace
 
 import pytest
 
-from fapo_megatron.data.arith import WRONG_ANSWER
+from fapo_megatron.data.arith import TRIVIAL_SLIP, WRONG_ANSWER
 from fapo_megatron.demo.warmup import WarmupConfig, _solution_kind, warm_up
 
 
 def test_each_kind_gets_its_share_of_uniform_draws():
-    cfg = WarmupConfig(clean_share=0.3, flaw_shares=(("skipped_trivial", 0.1), ("bare_trivial", 0.2)))
+    cfg = WarmupConfig(
+        clean_share=0.3, flaw_shares=(("skipped_trivial", 0.1), ("bare_trivial", 0.2)), trivial_slip_share=0.15
+    )
     draws = [(i + 0.5) / 1000 for i in range(1000)]
     kinds = [_solution_kind(cfg, d) for d in draws]
     counts = {kind: kinds.count(kind) for kind in set(kinds)}
-    assert counts == {None: 300, "skipped_trivial": 100, "bare_trivial": 200, WRONG_ANSWER: 400}
+    assert counts == {None: 300, "skipped_trivial": 100, "bare_trivial": 200, TRIVIAL_SLIP: 150, WRONG_ANSWER: 250}
 
 
 @pytest.mark.parametrize(
@@ -22,6 +24,8 @@ def test_each_kind_gets_its_share_of_uniform_draws():
         ({"flaw_shares": (("typo", 0.1),)}, "'typo' is not one of"),
         ({"flaw_shares": (("wrong_answer", 0.1),)}, "'wrong_answer' is not one of"),
         ({"flaw_shares": (("bare_trivial", 0.1),), "identity_steps": 0}, "needs identity_steps"),
+        ({"flaw_shares": (), "identity_steps": 0}, "trivial_slip_share: a slip at the trivial step needs"),
+        ({"trivial_slip_share": -0.1}, "each share >= 0"),
         ({"flaw_shares": (("bare_trivial", -0.1),)}, "must be >= 0"),
         ({"clean_share": 0.8, "flaw_shares": (("bare_trivial", 0.3),)}, "must lie in"),
     ],
