@@ -64,7 +64,11 @@ def main() -> int:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is not averaged)")
     work = Path(args.work)
-    policy = warm_up(work / "policy", WarmupConfig(steps=250, num_items=1500), progress=False)
+    policy = warm_up(
+        work / "policy",
+        WarmupConfig(steps=250, num_items=1500, clean_share=0.5, trivial_slip_share=0.0),
+        progress=False,
+    )
     judge = subprocess.Popen(
         [sys.executable, str(STANDIN), "sglang", str(args.delay_s), str(args.slots), "by-content"],
         stdout=subprocess.PIPE,
