@@ -23,8 +23,9 @@ by itself: FAPO would have nothing to add. Chains may therefore end in trivial s
 as a bare number, or written with a wrong result that the boxed answer ignores. Every real step comes before the
 flaw, in the same context whatever the solution does at the end, so a flawed solution needs no arithmetic a clean
 one does not. Wrong answers slip at a real step (WRONG_ANSWER) or at the written-out trivial step (TRIVIAL_SLIP),
-a slip the shortcut cannot make: as for a real model, the shortcut is the safer path, and the outcome reward
-favours it. The program checker still marks the exact step, so FAPO's flaw penalty can tell the two apart.
+a slip the shortcut cannot make: with enough of those in its training mix (`demo.warmup`), a policy finds the
+shortcut the safer path, as a real model does, and the outcome reward favours it. The program checker still marks
+the exact step, so FAPO's flaw penalty can tell the two apart.
 """
 
 from __future__ import annotations
